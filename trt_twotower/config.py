@@ -128,10 +128,6 @@ class TwoTowerConfig:
         if missing:
             raise ConfigError(f"config.json is missing required field(s): {', '.join(missing)}")
         n_layers = data.pop("num_hidden_layers", None)
-        if n_layers is not None and n_layers != len(data["hybrid_override_pattern"]):
-            raise ConfigError(
-                f"num_hidden_layers={n_layers} but the layer pattern has "
-                f"{len(data['hybrid_override_pattern'])} entries")
         if "time_step_limit" in data:
             data["time_step_limit"] = tuple(float(v) for v in data["time_step_limit"])
         if isinstance(data.get("eos_token_id"), list):
@@ -139,9 +135,13 @@ class TwoTowerConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         try:
-            return cls(**kwargs, extra=extra)
+            config = cls(**kwargs, extra=extra)
         except TypeError as err:
             raise ConfigError(f"config.json has a field of the wrong type: {err}") from err
+        if n_layers is not None and n_layers != config.num_hidden_layers:
+            raise ConfigError(f"num_hidden_layers={n_layers} but the layer pattern has "
+                              f"{config.num_hidden_layers} entries")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)

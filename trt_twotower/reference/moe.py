@@ -39,13 +39,19 @@ def route(scores: torch.Tensor, bias: torch.Tensor, c: TwoTowerConfig
         grouped = biased.reshape(tokens, c.n_group, -1)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
-        keep.scatter_(1, group_scores.topk(c.topk_group, dim=-1).indices, True)
+        keep.scatter_(1, top_indices(group_scores, c.topk_group), True)
         biased = grouped.masked_fill(~keep[..., None], 0.0).reshape(tokens, -1)
-    indices = biased.topk(c.num_experts_per_tok, dim=-1, sorted=False).indices
+    indices = top_indices(biased, c.num_experts_per_tok)
     weights = scores.gather(1, indices)
     if c.norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return indices, (weights * c.routed_scaling_factor).float()
+
+
+def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest along the last axis, ties going to the lower index, so that every
+    executor selects the same experts (the original leaves tie order unspecified)."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 class MoE(nn.Module):
