@@ -18,12 +18,17 @@ MAX_PERIOD = 1000.0
 def sinusoid(t: torch.Tensor, dim: int = FREQUENCY_DIM) -> torch.Tensor:
     """[cos, sin] features of t·1000: the product in t's dtype (bf16 in the released model,
     so 15/16 becomes 936), the arguments in fp32, the result back in t's dtype."""
-    half = dim // 2
     scaled = t * MAX_PERIOD
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
-                                                        device=t.device) / half)
-    args = scaled.float()[:, None] * freqs[None]
+    args = scaled.float()[:, None] * sinusoid_frequencies(dim, t.device)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(t.dtype)
+
+
+def sinusoid_frequencies(dim: int = FREQUENCY_DIM, device: torch.device | str = "cpu"
+                         ) -> torch.Tensor:
+    """exp(−ln(10000)·i/half) for i < half, in fp32: every executor uses these exact values."""
+    half = dim // 2
+    return torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
+                                                       device=device) / half)
 
 
 class TimestepEmbedder(nn.Module):
