@@ -1,0 +1,1 @@
+"""The runtime: tower executors behind one protocol and the two-device TwoTower session."""
