@@ -104,6 +104,27 @@ def write_manifest_draft(out_dir: Path, config: TwoTowerConfig, options: Convert
     return path
 
 
+def convert(config: TwoTowerConfig, weights: Weights, out_dir: Path, options: ConvertOptions,
+            tokenizer, source: str, checkpoint_digest: Optional[str] = None,
+            progress: bool = True) -> dict:
+    """Write every requested graph, config.json, tokenizer.json and the manifest draft."""
+    from tqdm import tqdm
+
+    out_dir = prepare_output(out_dir)
+    records = {}
+    with tqdm(total=len(options.graphs) * config.num_hidden_layers, unit="layer",
+              desc="convert", disable=not progress) as bar:
+        for graph in options.graphs:
+            bar.set_postfix_str(graph)
+            path = export_graph(config, weights, out_dir, graph, options,
+                                on_layer=lambda i: bar.update(1))
+            records[graph] = graph_record(config, graph, options, path)
+    config.save(out_dir)
+    tokenizer.save(out_dir)
+    write_manifest_draft(out_dir, config, options, records, source, checkpoint_digest)
+    return load_manifest(out_dir)
+
+
 def load_manifest(out_dir: Path) -> dict:
     path = Path(out_dir) / MANIFEST
     if not path.is_file():

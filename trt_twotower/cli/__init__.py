@@ -1,0 +1,25 @@
+"""The ``trt-twotower`` command line: one sub-command per pipeline stage."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .convert import convert_command
+from .generate import generate_command
+from .make_checkpoint import make_checkpoint_command
+from .parity import parity_command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="trt-twotower")
+def main() -> None:
+    """Nemotron-Labs-TwoTower from its checkpoint to TensorRT engines served by Triton.
+
+    Every command defaults to the small built-in model, so the whole pipeline runs on a CPU.
+    Pass --checkpoint DIR for a real checkpoint or --preset NAME for random weights.
+    """
+
+
+for command in (make_checkpoint_command, convert_command, parity_command, generate_command):
+    main.add_command(command)
