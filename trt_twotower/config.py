@@ -273,7 +273,7 @@ PRESETS: dict[str, TwoTowerConfig] = {
     # The built-in random model: every block type at least twice, two attention layers, a
     # chunk size of 4 so short sequences cross chunk boundaries, runs in seconds on one core.
     "tiny": TwoTowerConfig(
-        vocab_size=512, hidden_size=64, hybrid_override_pattern="ME*M-E*M-E",
+        vocab_size=1024, hidden_size=64, hybrid_override_pattern="ME*M-E*M-E",
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         mamba_num_heads=8, mamba_head_dim=8, ssm_state_size=16, n_groups=2, conv_kernel=4,
         chunk_size=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
