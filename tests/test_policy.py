@@ -119,3 +119,13 @@ def test_invalid_settings_are_rejected_with_a_clear_message(kwargs, needle):
 
 def test_ar_modes_accept_any_token_count():
     assert GenerationSettings(mode="ar", max_new_tokens=7).max_new_tokens == 7
+
+
+def test_forced_commits_commit_exactly_k_whatever_the_confidence():
+    nxt, _ = _step([0.99, 0.98, 0.97, 0.1, 0.2], threshold=0.5, steps_left=1)
+    assert MASK not in nxt
+    conf = torch.tensor([[0.99, 0.98, 0.97, 0.1, 0.2]])
+    block = torch.full(conf.shape, MASK)
+    for k in (1, 2, 4):
+        nxt, _ = policy.commit_step(block, torch.ones_like(block), conf, MASK, 0.5, 1, forced=k)
+        assert int((nxt != MASK).sum()) == k

@@ -43,6 +43,7 @@ class GenerationSettings:
     top_p: Optional[float] = None
     seed: int = 0
     stop_at_eos: bool = True
+    forced_commits: Optional[int] = None  # benchmarks: commit exactly K per step
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -69,6 +70,9 @@ class GenerationSettings:
             raise GenerationError(f"top_k must be >= 1, got {self.top_k!r}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise GenerationError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if self.forced_commits is not None and not 1 <= self.forced_commits <= self.block_size:
+            raise GenerationError(f"forced_commits must lie in [1, block_size], got "
+                                  f"{self.forced_commits!r}")
 
 
 def blocks_needed(max_new_tokens: int, block_size: int) -> int:
@@ -157,13 +161,16 @@ def _row_seeds(seeds: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Ten
 
 
 def commit_counts(masked: torch.Tensor, confidence: torch.Tensor, threshold: float,
-                  steps_left: int) -> torch.Tensor:
+                  steps_left: int, forced: Optional[int] = None) -> torch.Tensor:
     """How many masked positions each row commits this step.
 
     masked: bool [B, S]; confidence: [B, S]; steps_left = T - s (1 on the last step).
     Last step: all. Otherwise max(#(conf > γ) or 1, ceil(n / steps_left)), at most n.
+    ``forced`` (benchmarks only) commits exactly that many, independent of the weights.
     """
     n = masked.sum(-1)
+    if forced is not None:
+        return torch.clamp(n, max=forced)
     if steps_left <= 1:
         return n
     above = ((confidence > threshold) & masked).sum(-1)
@@ -179,6 +186,7 @@ def commit_step(
     mask_token_id: int,
     threshold: float,
     steps_left: int,
+    forced: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One diffusion step's commit: returns (next block ids, confidences used).
 
@@ -187,7 +195,7 @@ def commit_step(
     """
     masked = block == mask_token_id
     conf = torch.where(masked, confidence.float(), torch.full_like(confidence.float(), math.inf))
-    count = commit_counts(masked, conf, threshold, steps_left)
+    count = commit_counts(masked, conf, threshold, steps_left, forced)
     # Rank masked positions by (confidence desc, position asc); stable sort keeps index order.
     ranking_key = torch.where(masked, conf, torch.full_like(conf, -math.inf))
     order = torch.sort(ranking_key, dim=-1, descending=True, stable=True).indices

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .bench import bench_command
 from .convert import convert_command
 from .generate import generate_command
 from .make_checkpoint import make_checkpoint_command
@@ -21,5 +22,6 @@ def main() -> None:
     """
 
 
-for command in (make_checkpoint_command, convert_command, parity_command, generate_command):
+for command in (make_checkpoint_command, convert_command, parity_command, generate_command,
+                bench_command):
     main.add_command(command)

@@ -83,8 +83,8 @@ def _diffusion(model: TwoTowerModel, prompt: torch.Tensor, s: GenerationSettings
             logits = model.denoiser_step(block, t, cache)
             pred, conf = policy.diffusion_predictions(
                 logits, mask_id, s.temperature, seeds, step_key=b * s.steps_per_block + step)
-            new_block, _ = policy.commit_step(block, pred, conf, mask_id,
-                                              s.confidence_threshold, s.steps_per_block - step)
+            new_block, _ = policy.commit_step(block, pred, conf, mask_id, s.confidence_threshold,
+                                              s.steps_per_block - step, s.forced_commits)
             result.committed_per_eval.append(((new_block != block).sum(-1)).tolist())
             for row in torch.nonzero(active).flatten().tolist():
                 result.denoiser_evals[row] += 1

@@ -27,7 +27,7 @@ from .executor import ContextExecutor, DenoiserExecutor
 OnDelta = Callable[[list[int]], Optional[bool]]
 
 SHARED_SETTINGS = ("mode", "block_size", "steps_per_block", "confidence_threshold",
-                   "temperature", "top_k", "top_p")
+                   "temperature", "top_k", "top_p", "forced_commits")
 
 
 @dataclass
@@ -232,7 +232,7 @@ class TwoTowerSession:
     def _denoise(self, batch: _Batch, block: torch.Tensor, t: torch.Tensor,
                  s: GenerationSettings, step_key: int) -> torch.Tensor:
         steps_left = s.steps_per_block - step_key % s.steps_per_block
-        if self.fused_unmask and s.temperature <= 0.0:
+        if self.fused_unmask and s.temperature <= 0.0 and s.forced_commits is None:
             nxt, _, _ = self.denoiser.denoiser_unmask_step(block, t, batch.mirror,
                                                            s.confidence_threshold, steps_left)
             return nxt.to(block.device)
@@ -240,7 +240,7 @@ class TwoTowerSession:
         pred, conf = policy.diffusion_predictions(logits, self.config.mask_token_id,
                                                   s.temperature, batch.seeds(), step_key)
         nxt, _ = policy.commit_step(block, pred, conf, self.config.mask_token_id,
-                                    s.confidence_threshold, steps_left)
+                                    s.confidence_threshold, steps_left, s.forced_commits)
         return nxt
 
     def _sample(self, batch: _Batch, logits: torch.Tensor, step_key: int) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""``trt-twotower bench``: AR vs diffusion throughput on one backend and device."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..runtime.backends import BACKENDS
+from .options import dtype_option, model_source_options
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
+                     ) -> list[list[int]]:
+    """Prompts from held-out Python source when the corpus is there, else random ids."""
+    import torch
+    try:
+        from ..train.corpus import read_texts
+        texts = read_texts("heldout", max_files=count * 4)
+        prompts = [ids[:length] for ids in (tokenizer.encode(t) for t in texts)
+                   if len(ids) >= length]
+        if len(prompts) >= count:
+            return prompts[:count]
+    except (ImportError, OSError, ValueError):
+        pass
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (count, length), generator=gen).tolist()
+
+
+@click.command("bench")
+@model_source_options
+@click.option("--backend", type=click.Choice(BACKENDS[:2]), default="torch", show_default=True)
+@click.option("--build-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="onnxruntime: converted graphs (default: convert into a temporary dir).")
+@click.option("--thresholds", default="0.5,0.7,0.8,0.9,0.95", show_default=True,
+              help="Confidence thresholds γ to sweep (comma-separated).")
+@click.option("--block-sizes", default="16", show_default=True)
+@click.option("--steps-per-block", "steps", default="16", show_default=True)
+@click.option("--batch-sizes", default="1,4", show_default=True)
+@click.option("--forced-commits", default="", help="Also run diffusion committing exactly K "
+              "tokens per denoiser step, for each K (comma-separated).")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--prompt-length", type=int, default=32, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@dtype_option()
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench-out"), show_default=True,
+              help="Folder for bench.csv and bench.png.")
+def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
+                  build_dir: Optional[Path], thresholds: str, block_sizes: str, steps: str,
+                  batch_sizes: str, forced_commits: str, max_new_tokens: int,
+                  prompt_length: int, device: str, dtype: str, seed: int, out: Path) -> None:
+    """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
+    block size, steps per block and batch size; distinct MoE experts per denoiser step
+    (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png."""
+    from ..runtime.benchmark import format_rows, plot, sweep, write_csv
+    from .generate import open_backend
+
+    batches = _ints(batch_sizes)
+    with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
+        opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
+                              device, Path(scratch))
+        longest = prompt_length + max_new_tokens
+        if not opened.max_context:
+            opened.max_context = longest
+        pool = held_out_prompts(opened.tokenizer, max(batches), prompt_length,
+                                opened.config.vocab_size, seed)
+        model = opened.context.model if backend == "torch" else None
+        rows = sweep(opened, lambda b: pool[:b], batches, _floats(thresholds),
+                     _ints(block_sizes), _ints(steps), max_new_tokens, _ints(forced_commits),
+                     model=model)
+    out.mkdir(parents=True, exist_ok=True)
+    click.echo(format_rows(rows))
+    click.echo(f"\nwrote {write_csv(rows, out / 'bench.csv')} and {plot(rows, out / 'bench.png')}")
