@@ -81,6 +81,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = "cuda"
+    # cuDNN's SDPA plans a new graph for every key length (the cache grows each AR step),
+    # which costs tens of ms of host time per call; the flash/efficient kernels do not.
+    torch.backends.cuda.enable_cudnn_sdp(False)
     model = build_model(args.preset, device)
     c = model.config
     rows = []
