@@ -1,0 +1,201 @@
+"""Checkpoint directories in the released layout: ``config.json``, ``model.safetensors`` or
+``model.safetensors.index.json`` + shards, and the tokenizer.
+
+Tensors are read one at a time from memory-mapped safetensors files, so a 120 GB checkpoint
+never has to fit in RAM: a tower is read while the other stays on disk. Pickle files are
+refused (they can run code). Every problem names the tensor or file it is about.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import TwoTowerConfig
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The remote code renames ``embedding.`` to ``embeddings.`` on load (spec §3): accept both.
+ALIASES = {".embeddings.weight": ".embedding.weight"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be read as a TwoTower checkpoint."""
+
+
+def _check_header(path: Path) -> dict:
+    """Parse a safetensors header and check the file holds all the bytes it declares."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise CheckpointError(f"{path} is truncated or corrupt: its header claims "
+                                      f"{length} bytes but the file has {size}")
+            header = json.loads(f.read(length))
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {err})") \
+            from err
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+              default=0)
+    if 8 + length + end > size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {8 + length + end} bytes "
+                              f"but the file has {size}; download it again")
+    return header
+
+
+class CheckpointReader:
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory} is not a directory")
+        self.config = TwoTowerConfig.load(self.directory)
+        self._files = self._locate()
+        self._headers = {f: _check_header(f) for f in set(self._files.values())}
+
+    def _locate(self) -> dict[str, Path]:
+        index = self.directory / INDEX_FILE
+        single = self.directory / SINGLE_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index} has no valid weight_map: {err}") from err
+            files = {name: self.directory / shard for name, shard in weight_map.items()}
+            for shard in sorted(set(files.values())):
+                if not shard.is_file():
+                    raise CheckpointError(f"{index} lists shard {shard.name}, which is missing")
+            return files
+        if single.is_file():
+            return {name: single for name in _check_header(single) if name != "__metadata__"}
+        pickles = sorted(p.name for p in self.directory.iterdir()
+                         if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{self.directory} holds only pickle weights ({', '.join(pickles)}); pickle "
+                "files can run code when loaded and are refused: convert them to safetensors")
+        raise CheckpointError(f"{self.directory} has neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+    def _resolve(self, name: str) -> str:
+        if name in self._files:
+            return name
+        for canonical, alias in ALIASES.items():
+            if name.endswith(canonical):
+                other = name[: -len(canonical)] + alias
+                if other in self._files:
+                    return other
+        raise CheckpointError(f"tensor {name!r} is missing from {self.directory}")
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        stored = self._resolve(name)
+        return tuple(self._headers[self._files[stored]][stored]["shape"])
+
+    def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """One tensor, read from its memory-mapped file."""
+        stored = self._resolve(name)
+        with safe_open(str(self._files[stored]), framework="pt") as f:
+            tensor = f.get_tensor(stored)
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def read_tower(self, prefixes: Sequence[str], expected: Mapping[str, tuple[int, ...]],
+                   dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu"
+                   ) -> dict[str, torch.Tensor]:
+        """Exactly the ``expected`` tensors under ``prefixes``; any missing, unexpected or
+        mis-shaped tensor is an error that lists them by name."""
+        present = {n for n in self._files if n.startswith(tuple(prefixes))}
+        canonical = {self._canonical(n) for n in present}
+        missing = sorted(set(expected) - canonical)
+        unexpected = sorted(canonical - set(expected))
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {', '.join(missing[:10])}"
+                            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+        if unexpected:
+            problems.append(f"unexpected tensors: {', '.join(unexpected[:10])}"
+                            + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else ""))
+        for name in sorted(set(expected) & canonical):
+            found = self.shape(name)
+            if found != tuple(expected[name]):
+                problems.append(f"{name} has shape {list(found)}, expected {list(expected[name])}")
+        if problems:
+            raise CheckpointError(f"{self.directory} does not match its config: "
+                                  + "; ".join(problems))
+        return {name: self.read(name, dtype).to(device) for name in expected}
+
+    @staticmethod
+    def _canonical(name: str) -> str:
+        for canonical, alias in ALIASES.items():
+            if name.endswith(alias):
+                return name[: -len(alias)] + canonical
+        return name
+
+    def digest(self) -> str:
+        """sha256 over config.json, the index and each weight file's name, size and header:
+        cheap even for 120 GB, and it changes whenever a tensor is added, re-shaped or
+        re-written with another length."""
+        h = hashlib.sha256((self.directory / "config.json").read_bytes())
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            h.update(index.read_bytes())
+        for path in sorted(set(self._files.values())):
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                h.update(path.name.encode() + str(path.stat().st_size).encode() + f.read(length))
+        return h.hexdigest()
+
+    @property
+    def tokenizer_dir(self) -> Optional[Path]:
+        return self.directory if (self.directory / "tokenizer.json").is_file() else None
+
+
+def write_checkpoint(directory: str | Path, config: TwoTowerConfig,
+                     tensors: Mapping[str, torch.Tensor],
+                     max_shard_bytes: Optional[int] = None) -> Path:
+    """config.json + model.safetensors, or HF-style shards and an index past max_shard_bytes."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        config.save(directory)
+    except OSError as err:
+        raise CheckpointError(f"cannot write a checkpoint to {directory}: "
+                              f"{err.strerror or err}") from err
+    tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+    shards = list(_shards(tensors, max_shard_bytes))
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE_FILE), metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        weight_map.update({n: name for n in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX_FILE).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
+        indent=2) + "\n")
+    return directory
+
+
+def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: Optional[int]
+            ) -> Iterable[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shard and max_bytes is not None and size + nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = tensors[name]
+        size += nbytes
+    yield shard

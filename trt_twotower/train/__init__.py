@@ -1,0 +1,1 @@
+"""Training the built-in TwoTower: an AR backbone, then the denoiser (spec §6.2)."""
