@@ -1,0 +1,96 @@
+"""The command line end to end on the built-in model and on written checkpoints."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from trt_twotower.cli import main
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    run("make-checkpoint", "--preset", "tiny", "--seed", 7, out)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "mock-ar", "ar"])
+def test_generate_every_mode_on_builtin_and_written_checkpoint(checkpoint, mode):
+    for source in ([], ["--checkpoint", checkpoint]):
+        out = run("generate", *source, "--mode", mode, "--max-new-tokens", 16,
+                  "--block-size", 8, "--json").output
+        record = json.loads(out)
+        assert len(record["generated_ids"]) <= 16 and record["prompt_ids"]
+        stats = record["stats"]
+        assert stats["mode"] == mode
+        assert (stats["denoiser_evaluations"] > 0) == (mode != "ar")
+
+
+def test_generate_is_deterministic_and_prompt_ids_work():
+    a = run("generate", "--prompt-ids", "5,6,7", "--max-new-tokens", 16, "--json").output
+    b = run("generate", "--prompt-ids", "5,6,7", "--max-new-tokens", 16, "--json").output
+    assert json.loads(a)["generated_ids"] == json.loads(b)["generated_ids"]
+    assert json.loads(a)["prompt_ids"] == [5, 6, 7]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-new-tokens", "20"], "multiple of block_size"),
+    (["--confidence-threshold", "1.5"], "confidence_threshold"),
+    (["--block-size", "0"], "block_size"),
+    (["--prompt-ids", "1,x"], "comma-separated integers"),
+    (["--mode", "beam"], "beam"),
+    (["--prompt", "a", "--prompt-ids", "1"], "not both"),
+])
+def test_generate_rejects_bad_options_clearly(args, needle):
+    result = run("generate", *args, ok=False)
+    assert result.exit_code == 2 and needle in result.output
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, checkpoint):
+    for f in checkpoint.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes()[:200] if f.suffix == ".safetensors"
+                                        else f.read_bytes())
+    result = run("generate", "--checkpoint", tmp_path, ok=False)
+    assert result.exit_code == 1 and "truncated" in result.output
+
+
+def test_convert_then_parity_passes_on_the_builtin_model(tmp_path):
+    out = tmp_path / "graphs"
+    run("convert", "-o", out, "--max-context", 96, "--quiet")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"context_step", "denoiser_step", "denoiser_unmask_step",
+                                       "mock_ar_step"}
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    result = run("parity", out, "--block-size", 8, "--max-new-tokens", 16)
+    assert "parity ok" in result.output and "FAIL" not in result.output
+
+
+def test_generate_with_onnxruntime_matches_torch():
+    args = ["--prompt-ids", "9,10,11", "--max-new-tokens", 16, "--block-size", 8, "--json"]
+    torch_ids = json.loads(run("generate", *args).output)["generated_ids"]
+    ort_ids = json.loads(run("generate", "--backend", "onnxruntime", *args).output)
+    assert ort_ids["generated_ids"] == torch_ids
+
+
+def test_convert_errors_are_clear(tmp_path, checkpoint):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = run("convert", checkpoint, "-o", blocker / "out", ok=False)
+    assert result.exit_code == 1 and "cannot write" in result.output
+    result = run("convert", "-o", tmp_path / "o", "--lowering", "magic", ok=False)
+    assert result.exit_code == 2 and "magic" in result.output
+
+
+def test_help_texts_explain_each_command():
+    out = run("--help").output
+    for command in ("generate", "convert", "parity", "make-checkpoint", "bench"):
+        assert command in out
+    assert "diffusion" in run("generate", "--help").output
