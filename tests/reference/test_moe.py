@@ -23,8 +23,8 @@ def explicit_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
                        for g in groups}
         kept = sorted(groups, key=lambda g: (-group_score[g], g))[:c.topk_group]
         candidates = [e if e // per_group in kept else None for e in range(c.n_routed_experts)]
-        ranked = sorted(range(c.n_routed_experts),
-                        key=lambda e: (-(biased[e] if candidates[e] is not None else 0.0), e))
+        ranked = sorted((e for e in range(c.n_routed_experts) if candidates[e] is not None),
+                        key=lambda e: (-biased[e], e))
         chosen = ranked[:c.num_experts_per_tok]
         total = sum(scores[e] for e in chosen) + 1e-20
         acc = torch.zeros(x.shape[-1], dtype=torch.float32)
