@@ -40,3 +40,10 @@ def exported(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"{variant}-{lowering}")
     model = export_all(VARIANTS[variant], out, lowering)
     return VARIANTS[variant], model, out
+
+
+@pytest.fixture(scope="session")
+def exported_plugin(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny-plugin")
+    model = export_all(VARIANTS["tiny"], out, "plugin")
+    return VARIANTS["tiny"], model, out

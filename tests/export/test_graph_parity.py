@@ -45,3 +45,20 @@ def test_greedy_generation_is_identical_in_every_mode(exported):
     rows = compare_generation(ref, cand, config, MAX_CONTEXT, [[5, 6, 7, 8, 9], [11], [40] * 3],
                               settings, fused_unmask=True)
     assert all(r.passed for r in rows), format_table([], rows)
+
+
+def test_plugin_lowering_matches_the_reference(exported_plugin):
+    """The plugin graph (custom trt_twotower ops run by their torch definitions) computes
+    what the reference computes: every step type and every mode."""
+    config, model, out = exported_plugin
+    graph = onnx.load(str(out / f"{names.DENOISER_UNMASK_STEP}.onnx"), load_external_data=False)
+    custom = {n.op_type for n in graph.graph.node if n.domain == "trt_twotower"}
+    assert custom == {"BlockCrossAttention", "ConfidenceUnmask"}
+    ref, cand = _backends(config, model, out, plugin=True)
+    rows = compare_steps(ref, cand, config, MAX_CONTEXT, block_size=8, tolerance=TOLERANCE)
+    assert all(r.passed for r in rows), format_table(rows)
+    settings = [GenerationSettings(mode=m, max_new_tokens=16, block_size=8, steps_per_block=8,
+                                   stop_at_eos=False) for m in ("diffusion", "mock-ar")]
+    gens = compare_generation(ref, cand, config, MAX_CONTEXT, [[5, 6, 7], [11]], settings,
+                              fused_unmask=True)
+    assert all(g.passed for g in gens), format_table([], gens)
