@@ -1,0 +1,76 @@
+"""Stage (b): the denoiser, trained with the masked-diffusion objective while the context
+tower stays frozen (spec §4, §6.2).
+
+A sample is a clean prefix (its cache built by the frozen context tower) followed by a block of
+S tokens; each block position is masked with probability t ~ U(0, 1] (at least one), the
+denoiser sees the masked block with t = the block's masked fraction through adaLN, and the loss
+is cross-entropy on the masked positions. The weight 1/t of the MDLM bound is dropped, as the
+paper reports doing "for stability" (spec §6.2), so the loss is the plain mean over masked
+tokens. Predictions are position-aligned: block position j predicts the token at prefix + j.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..reference.model import TwoTowerModel
+from .ar import sample_windows
+from .schedule import Trainer
+
+DENOISER_PREFIXES = ("denoiser_tower.", "lm_head.", "t_embedder.", "t_block.",
+                     "scale_shift_tables.")
+
+
+@torch.no_grad()
+def initialise_denoiser_from_backbone(model: TwoTowerModel) -> None:
+    """Copy the AR backbone into the denoiser and start the modulation at identity
+    (shift 0, scale 0, gate 1), so training begins from the AR model's features."""
+    model.denoiser_tower.load_state_dict(model.context_tower.state_dict())
+    model.lm_head.weight.copy_(model.context_lm_head.weight)
+    final = model.t_block[1]
+    final.weight.zero_()
+    final.bias.zero_()
+    for table in model.scale_shift_tables:
+        table.zero_()
+        table[2].fill_(1.0)
+
+
+def mask_block(block: torch.Tensor, mask_id: int, gen: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked block, mask): t ~ U(0, 1] per row, each position masked with probability t,
+    at least one per row."""
+    rows, width = block.shape
+    t = 1.0 - torch.rand(rows, 1, generator=gen)
+    mask = torch.rand(rows, width, generator=gen) < t
+    forced = torch.randint(0, width, (rows,), generator=gen)
+    mask[torch.arange(rows), forced] = True
+    return torch.where(mask, torch.full_like(block, mask_id), block), mask
+
+
+def diffusion_loss(model: TwoTowerModel, windows: torch.Tensor, prefix: int, block: int,
+                   gen: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        cache = model.new_cache(windows.shape[0])
+        model.context_step(windows[:, :prefix], cache)
+    target = windows[:, prefix:prefix + block]
+    noisy, mask = mask_block(target, model.config.mask_token_id, gen)
+    logits = model.denoiser_step(noisy, mask.float().mean(-1), cache)
+    return torch.nn.functional.cross_entropy(logits[mask], target[mask])
+
+
+def train_denoiser(model: TwoTowerModel, stream: torch.Tensor, steps: int, batch: int,
+                   max_prefix: int, block: int, lr: float, seed: int, progress: bool = True,
+                   on_step: Callable[[int, float], None] = lambda s, l: None) -> list[float]:
+    """Trains the denoiser side in place; the context tower is frozen."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(DENOISER_PREFIXES))
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer = Trainer(params, lr, steps, desc="denoiser", progress=progress)
+    for step in range(steps):
+        prefix = int(torch.randint(1, max_prefix + 1, (1,), generator=gen))
+        windows = sample_windows(stream, batch, prefix + block, gen)
+        on_step(step, trainer.step(diffusion_loss(model, windows, prefix, block, gen)))
+    return trainer.losses
