@@ -47,12 +47,14 @@ def _out_proj(g: GraphBuilder, c: TwoTowerConfig, w: Weights, prefix: str, attn_
 
 
 def context_attention(g: GraphBuilder, c: TwoTowerConfig, w: Weights, prefix: str, h: Value,
-                      past_length: Value, past_k: Value, past_v: Value, max_context: int
-                      ) -> tuple[Value, Value, Value]:
+                      past_length: Value, past_k: Value, past_v: Value, max_context: int,
+                      present_k_name: str, present_v_name: str) -> tuple[Value, Value, Value]:
     """Causal attention of T new tokens over the cache; returns (out, present k, present v)."""
     q, k, v = _project(g, c, w, prefix, h)
-    present_k = g.op("TensorScatter", past_k, k, past_length, axis=2)
-    present_v = g.op("TensorScatter", past_v, v, past_length, axis=2)
+    # The updated caches are graph outputs straight from TensorScatter: TensorRT's KV-cache
+    # update layer writes in place and requires its output to be a network output.
+    present_k = g.op("TensorScatter", past_k, k, past_length, axis=2, names=[present_k_name])
+    present_v = g.op("TensorScatter", past_v, v, past_length, axis=2, names=[present_v_name])
     tokens = g.op("Squeeze", g.op("Shape", h, start=1, end=2))
     query_limit = g.op("Add", unsqueeze(g, past_length, [1]),
                        unsqueeze(g, g.op("Range", g.const(1, INT64),

@@ -55,9 +55,11 @@ class GraphBuilder:
         return spec.name
 
     def output(self, value: Value, spec: TensorSpec) -> None:
-        """Mark ``value`` as the graph output ``spec.name`` (an Identity renames it)."""
-        self._nodes.append(helper.make_node("Identity", [value], [spec.name],
-                                            name=f"output/{spec.name}"))
+        """Mark ``value`` as the graph output ``spec.name`` (an Identity renames it unless the
+        value already carries that name, see ``op(names=...)``)."""
+        if value != spec.name:
+            self._nodes.append(helper.make_node("Identity", [value], [spec.name],
+                                                name=f"output/{spec.name}"))
         self._outputs.append(self._value_info(spec))
 
     def _value_info(self, spec: TensorSpec) -> onnx.ValueInfoProto:
@@ -107,9 +109,13 @@ class GraphBuilder:
 
     # --- nodes ----------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: Optional[Value], outputs: int = 1,
-           domain: str = "", hint: Optional[str] = None, **attrs: object
+           domain: str = "", hint: Optional[str] = None,
+           names: Optional[Sequence[str]] = None, **attrs: object
            ) -> Union[Value, list[Value]]:
-        names = [self.fresh(hint or op_type.lower()) for _ in range(outputs)]
+        """Add a node; ``names`` gives its outputs fixed names (graph outputs that must be the
+        node's own, e.g. TensorRT's in-place KV-cache update)."""
+        names = list(names) if names else [self.fresh(hint or op_type.lower())
+                                           for _ in range(outputs)]
         self._nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs],
                                             names, name=self.fresh(f"{hint or op_type}/node"),
                                             domain=domain, **attrs))

@@ -54,7 +54,8 @@ def context_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_conte
             g.output(ssm, out_specs[names.new_ssm_state(i)])
         elif kind == ATTENTION:
             h, k, v = context_attention(g, c, w, prefix + "mixer.", h, x["past_length"],
-                                        x[names.past_key(i)], x[names.past_value(i)], max_context)
+                                        x[names.past_key(i)], x[names.past_value(i)], max_context,
+                                        names.present_key(i), names.present_value(i))
             g.output(k, out_specs[names.present_key(i)])
             g.output(v, out_specs[names.present_value(i)])
         else:
