@@ -6,8 +6,10 @@ import click
 
 from .. import __version__
 from .bench import bench_command
+from .build import build_command
 from .convert import convert_command
 from .generate import generate_command
+from .inspect import inspect_command
 from .make_checkpoint import make_checkpoint_command
 from .parity import parity_command
 
@@ -22,6 +24,6 @@ def main() -> None:
     """
 
 
-for command in (make_checkpoint_command, convert_command, parity_command, generate_command,
-                bench_command):
+for command in (make_checkpoint_command, convert_command, build_command, inspect_command,
+                parity_command, generate_command, bench_command):
     main.add_command(command)

@@ -44,6 +44,7 @@ class GraphBuilder:
         self._initializers: list[onnx.TensorProto] = []
         self._counter = 0
         self.uses_custom_domain = False
+        self.scope = ""  # e.g. "context.layers.3.mamba": prefixes node names (readable layers)
 
     # --- values -------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -116,9 +117,10 @@ class GraphBuilder:
         node's own, e.g. TensorRT's in-place KV-cache update)."""
         names = list(names) if names else [self.fresh(hint or op_type.lower())
                                            for _ in range(outputs)]
+        node_name = self.fresh(f"{self.scope}/{hint or op_type}" if self.scope
+                               else hint or op_type)
         self._nodes.append(helper.make_node(op_type, ["" if i is None else i for i in inputs],
-                                            names, name=self.fresh(f"{hint or op_type}/node"),
-                                            domain=domain, **attrs))
+                                            names, name=node_name, domain=domain, **attrs))
         if domain == CUSTOM_DOMAIN:
             self.uses_custom_domain = True
         return names[0] if outputs == 1 else names

@@ -22,6 +22,7 @@ from .moe import mlp, moe
 from ..reference.timestep import FREQUENCY_DIM, MAX_PERIOD, sinusoid_frequencies
 
 Weights = Callable[[str], torch.Tensor]
+LAYER_NAMES = {MAMBA: "mamba", ATTENTION: "attention", MOE: "moe", MLP: "mlp"}
 MASK_LOGIT = -1e12                        # spec §5.1, as in trt_twotower.policy
 
 
@@ -45,6 +46,7 @@ def context_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_conte
                                      w("context_tower.embeddings.weight")), x["input_ids"])
     for i, kind in enumerate(c.layer_types):
         prefix = f"context_tower.layers.{i}."
+        g.scope = f"context.layers.{i}.{LAYER_NAMES[kind]}"
         h = rms_norm(g, hidden, w(prefix + "norm.weight"), prefix + "norm.weight",
                      c.layer_norm_epsilon)
         if kind == MAMBA:
@@ -62,6 +64,7 @@ def context_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_conte
             h = _mixer_ffn(g, c, w, prefix + "mixer.", kind, h)
         hidden = g.op("Add", hidden, h)
         on_layer(i)
+    g.scope = "context.head"
     last_index = g.op("Sub", g.op("Squeeze", g.op("Shape", x["input_ids"], start=1, end=2)),
                       g.const(1, INT64))
     last = g.op("Gather", hidden, last_index, axis=1)                        # [B, hidden]
@@ -93,11 +96,13 @@ def denoiser_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_cont
     specs_in, specs_out = names.denoiser_step_io(c, max_context, graph)
     x = _inputs(g, specs_in)
     out_specs = {s.name: s for s in specs_out}
+    g.scope = "denoiser.time"
     t_emb = time_embedding(g, c, w, x["t"]) if graph != names.MOCK_AR_STEP else None
     hidden = g.op("Gather", g.weight("denoiser_tower.embeddings.weight",
                                      w("denoiser_tower.embeddings.weight")), x["block_ids"])
     for i, kind in enumerate(c.layer_types):
         prefix = f"denoiser_tower.layers.{i}."
+        g.scope = f"denoiser.layers.{i}.{LAYER_NAMES[kind]}"
         norm_w = w(prefix + "norm.weight")
 
         def norm(v: Value) -> Value:
@@ -123,6 +128,7 @@ def denoiser_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_cont
             h = _mixer_ffn(g, c, w, prefix + "mixer.", kind, h)
         hidden = g.op("Add", hidden, h if gate is None else g.op("Mul", gate, h))
         on_layer(i)
+    g.scope = "denoiser.head"
     hidden = rms_norm(g, hidden, w("denoiser_tower.norm_f.weight"),
                       "denoiser_tower.norm_f.weight", c.layer_norm_epsilon)
     logits = cast_float(g, linear(g, hidden, w("lm_head.weight"), "lm_head.weight"))

@@ -1,0 +1,1 @@
+"""TensorRT engines, one per tower and GPU: network passes, builds, manifests, executors."""
