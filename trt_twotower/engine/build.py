@@ -58,18 +58,21 @@ def capturing_logger(trt: Any) -> Any:
     return Captured()
 
 
-def _timing_cache(trt: Any, config: Any, path: Optional[Path]) -> Any:
+def _timing_cache(trt: Any, flavor: Flavor, config: Any, path: Optional[Path]) -> None:
+    """Load the cache file into the builder (TensorRT-RTX ignores timing caches: tactics are
+    chosen on the target GPU at run time, so there it is only checked to be readable)."""
     data = b""
     if path is not None and path.exists():
         try:
             data = path.read_bytes()
         except OSError as err:
             raise BuildError(f"cannot read the timing cache {path}: {err.strerror}") from err
+    if flavor.is_rtx:
+        return
     cache = config.create_timing_cache(data)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
         raise BuildError(f"the timing cache {path} is unreadable or from another TensorRT; "
                          "delete it to start a new one")
-    return cache
 
 
 def _configure(trt: Any, flavor: Flavor, builder: Any, options: BuildOptions) -> Any:
@@ -80,7 +83,7 @@ def _configure(trt: Any, flavor: Flavor, builder: Any, options: BuildOptions) ->
         config.num_compute_capabilities = len(options.compute_capabilities)
         for i, cc in enumerate(options.compute_capabilities):
             config.set_compute_capability(getattr(trt.ComputeCapability, cc), i)
-    _timing_cache(trt, config, options.timing_cache)
+    _timing_cache(trt, flavor, config, options.timing_cache)
     return config
 
 
@@ -106,7 +109,7 @@ def build_engine(flavor: Flavor, onnx_path: Path, graph: str, model_config: TwoT
     if plan is None:
         raise BuildError(f"{graph}: TensorRT could not build the engine: "
                          + " | ".join(logger.errors()[-3:]))
-    if options.timing_cache is not None:
+    if options.timing_cache is not None and not flavor.is_rtx:
         options.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
     report["profiles"] = {s.name: {k: [list(v) for v in rng] for k, rng in s.shapes.items()}
                           for s in specs}

@@ -1,0 +1,22 @@
+"""Engines built once per session with TensorRT-RTX on the CPU (the tiny preset)."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
+
+from trt_twotower.cli import main  # noqa: E402
+
+BUILD_ARGS = ["--preset", "tiny", "--flavor", "tensorrt-rtx", "--max-context", "128",
+              "--block-size", "8", "--max-batch", "2", "--max-prefill", "64"]
+
+
+@pytest.fixture(scope="session")
+def bf16_build(tmp_path_factory):
+    out = tmp_path_factory.mktemp("engines-bf16")
+    result = CliRunner().invoke(main, ["build", *BUILD_ARGS, "--dtype", "bf16", "-o", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out
