@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
-
-from trt_twotower.cli import main  # noqa: E402
+from trt_twotower.cli import main
 
 BUILD_ARGS = ["--preset", "tiny", "--flavor", "tensorrt-rtx", "--max-context", "128",
               "--block-size", "8", "--max-batch", "2", "--max-prefill", "64"]
@@ -15,6 +13,7 @@ BUILD_ARGS = ["--preset", "tiny", "--flavor", "tensorrt-rtx", "--max-context", "
 
 @pytest.fixture(scope="session")
 def bf16_build(tmp_path_factory):
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
     out = tmp_path_factory.mktemp("engines-bf16")
     result = CliRunner().invoke(main, ["build", *BUILD_ARGS, "--dtype", "bf16", "-o", str(out)],
                                 catch_exceptions=False)

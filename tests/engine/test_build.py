@@ -9,6 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from trt_twotower import names
+
+pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
 from trt_twotower.cli import main
 from trt_twotower.config import TwoTowerConfig
 from trt_twotower.engine.build import BuildError, BuildOptions, build_engines
