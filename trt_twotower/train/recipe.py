@@ -55,8 +55,9 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(BUILTIN_CONFIG, corpus_tokens=2_000_000, ar_steps=700, ar_batch=16,
-                  seq_len=128, denoiser_steps=900, denoiser_batch=16, max_prefix=112),
+    "full": Scale(BUILTIN_CONFIG, corpus_tokens=2_000_000, ar_steps=600, ar_batch=16,
+                  seq_len=128, denoiser_steps=3600, denoiser_batch=16, max_prefix=112,
+                  denoiser_lr=3e-3),
     "toy": Scale(TOY_CONFIG, corpus_tokens=20_000, ar_steps=12, ar_batch=4, seq_len=32,
                  denoiser_steps=12, denoiser_batch=4, max_prefix=16, block=8),
 }
