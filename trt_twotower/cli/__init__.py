@@ -12,6 +12,7 @@ from .generate import generate_command
 from .inspect import inspect_command
 from .make_checkpoint import make_checkpoint_command
 from .parity import parity_command
+from .serve import client_command, serve_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -25,5 +26,6 @@ def main() -> None:
 
 
 for command in (make_checkpoint_command, convert_command, build_command, inspect_command,
-                parity_command, generate_command, bench_command):
+                parity_command, generate_command, bench_command, serve_command,
+                client_command):
     main.add_command(command)
