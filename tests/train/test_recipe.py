@@ -34,10 +34,12 @@ def test_both_stages_learn_and_the_context_tower_stays_frozen():
               if n.startswith(("context_tower.", "context_lm_head."))}
     gen = torch.Generator().manual_seed(5)
     windows = torch.stack([stream[i:i + 24] for i in (0, 7, 13, 40)])
-    before = float(diffusion_loss(model, windows, 12, 8, gen))
+    with torch.no_grad():
+        before = float(diffusion_loss(model, windows, 12, 8, gen))
     train_denoiser(model, stream, steps=30, batch=4, max_prefix=12, block=8, lr=1e-2, seed=1,
                    progress=False)
-    after = float(diffusion_loss(model, windows, 12, 8, torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        after = float(diffusion_loss(model, windows, 12, 8, torch.Generator().manual_seed(5)))
     assert after < before
     for name, tensor in frozen.items():
         assert torch.equal(model.state_dict()[name], tensor), name
