@@ -94,3 +94,21 @@ def test_help_texts_explain_each_command():
     for command in ("generate", "convert", "parity", "make-checkpoint", "bench"):
         assert command in out
     assert "diffusion" in run("generate", "--help").output
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_bench_writes_table_csv_and_plot(tmp_path, backend):
+    out = run("bench", "--backend", backend, "--preset", "tiny", "--thresholds", "0.5,0.9",
+              "--batch-sizes", "1,2", "--forced-commits", "4", "--max-new-tokens", 16,
+              "--prompt-length", 8, "-o", tmp_path).output
+    assert "speedup_vs_ar" in out
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert len(rows) == 2 * (1 + 2 + 1)  # per batch: AR, two thresholds, one forced
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    forced = [r for r in rows if r["forced_commits"] == "4"]
+    assert len(forced) == 2 and all(float(r["tokens_per_eval"]) == 4.0 for r in forced)
+    diffusion = [r for r in rows if r["mode"] == "diffusion"]
+    assert all(float(r["speedup_vs_ar"]) > 0 for r in diffusion)
+    if backend == "torch":  # expert counts need the reference's modules
+        assert all(1 <= float(r["experts_per_step"]) <= 8 for r in diffusion)
