@@ -36,4 +36,6 @@ def render(out_dir: Path, values: Mapping[str, str], templates: Path = TEMPLATES
         if missing:
             raise RepositoryError(f"{model}/config.pbtxt: no value for {', '.join(missing)}")
         config.write_text(string.Template(text).substitute(values))
+        # Every model needs a version folder; the ensemble's holds no files (git keeps none).
+        (out_dir / model / "1").mkdir(exist_ok=True)
     return out_dir
