@@ -1,4 +1,4 @@
-"""Engines built once per session with TensorRT-RTX on the CPU (the tiny preset)."""
+"""Engines of the built-in model, built once per session with TensorRT-RTX on the CPU."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from trt_twotower.cli import main
 
-BUILD_ARGS = ["--preset", "tiny", "--flavor", "tensorrt-rtx", "--max-context", "128",
+BUILD_ARGS = ["--flavor", "tensorrt-rtx", "--max-context", "128",
               "--block-size", "8", "--max-batch", "2", "--max-prefill", "64"]
 
 
