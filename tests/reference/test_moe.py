@@ -23,8 +23,8 @@ def explicit_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
                        for g in groups}
         kept = sorted(groups, key=lambda g: (-group_score[g], g))[:c.topk_group]
         candidates = [e if e // per_group in kept else None for e in range(c.n_routed_experts)]
-        ranked = sorted((e for e in range(c.n_routed_experts) if candidates[e] is not None),
-                        key=lambda e: (-biased[e], e))
+        ranked = sorted(range(c.n_routed_experts),
+                        key=lambda e: (-(biased[e] if candidates[e] is not None else 0.0), e))
         chosen = ranked[:c.num_experts_per_tok]
         total = sum(scores[e] for e in chosen) + 1e-20
         acc = torch.zeros(x.shape[-1], dtype=torch.float32)
@@ -75,3 +75,15 @@ def test_router_weights_use_unbiased_scores(rng):
     expected = scores / scores.sum(-1, keepdim=True) * config.routed_scaling_factor
     assert weights.dtype == torch.float32
     assert torch.allclose(weights.double(), expected, atol=1e-6)
+
+
+def test_dropped_groups_are_zeroed_not_excluded():
+    """Spec §2.5 and the released router zero the dropped groups' scores: an expert of a
+    dropped group beats a kept expert whose biased score is negative."""
+    from trt_twotower.reference.moe import route
+    config = preset("tiny").replace(n_routed_experts=4, n_group=2, topk_group=1,
+                                    num_experts_per_tok=2)
+    scores = torch.tensor([[0.95, 0.45, 0.30, 0.30]], dtype=torch.float64)
+    bias = torch.tensor([0.0, -0.5, 0.0, 0.0])
+    indices, _ = route(scores, bias, config)
+    assert sorted(indices[0].tolist()) == [0, 2]

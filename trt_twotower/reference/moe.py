@@ -31,9 +31,9 @@ class Router(nn.Module):
 
 def route(scores: torch.Tensor, bias: torch.Tensor, c: TwoTowerConfig
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group-limited top-k on biased scores (DeepSeek-V3 style; a no-op with one group: experts
-    of dropped groups can never be chosen), then normalised unbiased weights ×
-    routed_scaling_factor, returned in fp32."""
+    """Group-limited top-k on biased scores (DeepSeek-V3 style, a no-op with one group): the
+    dropped groups' scores are zeroed as the released code does (spec §2.5), then normalised
+    unbiased weights × routed_scaling_factor, returned in fp32."""
     tokens = scores.shape[0]
     biased = scores + bias.to(scores.dtype)
     if c.n_group > 1:
@@ -41,7 +41,7 @@ def route(scores: torch.Tensor, bias: torch.Tensor, c: TwoTowerConfig
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_scores, dtype=torch.bool)
         keep.scatter_(1, top_indices(group_scores, c.topk_group), True)
-        biased = grouped.masked_fill(~keep[..., None], float("-inf")).reshape(tokens, -1)
+        biased = grouped.masked_fill(~keep[..., None], 0.0).reshape(tokens, -1)
     indices = top_indices(biased, c.num_experts_per_tok)
     weights = scores.gather(1, indices)
     if c.norm_topk_prob:

@@ -1,10 +1,10 @@
 """The context tower as a stock NemotronH model of ``transformers``.
 
-Written once and used twice: the independent check of our backbone (tests compare our
-context tower with ``NemotronHForCausalLM`` on the same weights), and turning the frozen
-context tower of a TwoTower checkpoint into a plain AR checkpoint (spec §3, "Converter facts").
-``transformers`` stores each MoE layer's experts fused as 3-D tensors; we store them per expert
-as the released checkpoint does.
+Written once: the independent check of our backbone (tests compare our context tower with
+``NemotronHForCausalLM`` on the same weights). The names produced are transformers' in-memory
+ones (``model.*``, experts fused as 3-D tensors); its ``save_pretrained`` writes the on-disk
+layout (``backbone.*``, per-expert), which is how the frozen context tower becomes a stock AR
+checkpoint (spec §3, "Converter facts").
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ def transformers_config_kwargs(config: TwoTowerConfig) -> dict[str, Any]:
     because transformers clamps dt below at it, while the released model's limit is
     (0, inf) (§1); it must stay positive for transformers' own initialisation."""
     c = config
+    if tuple(c.time_step_limit) != (0.0, float("inf")):
+        raise ValueError(f"transformers ignores time_step_limit={c.time_step_limit}; only the "
+                         "released (0, inf) limit maps to a stock NemotronH")
     return dict(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size,
         layers_block_type=[NEWER_SPELLING[t] for t in c.layer_types],
