@@ -2,6 +2,7 @@
 
 import json
 import os
+import struct
 
 import pytest
 import torch
@@ -97,7 +98,7 @@ def test_truncated_file_is_named(tmp_path, checkpoint):
         (tmp_path / f.name).write_bytes(f.read_bytes())
     weights = tmp_path / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 100)
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(CheckpointError, match=f"{weights} is truncated"):
         CheckpointReader(tmp_path)
 
 
@@ -112,22 +113,32 @@ def test_index_pointing_at_a_missing_shard(tmp_path):
 def test_pickle_only_checkpoint_is_refused(tmp_path):
     preset("tiny").save(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(CheckpointError, match="pickle"):
+    with pytest.raises(CheckpointError, match=r"pickle weights \(pytorch_model.bin\)"):
         CheckpointReader(tmp_path)
 
 
-def test_missing_and_invalid_config(tmp_path):
+def _weights_only(tmp_path):
     save_file({"x": torch.ones(1)}, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ConfigError, match="no config.json"):
+    return tmp_path
+
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"no config.json at {tmp_path / 'config.json'}"):
+        CheckpointReader(_weights_only(tmp_path))
+
+
+def test_invalid_json_config_is_named(tmp_path):
+    (_weights_only(tmp_path) / "config.json").write_text("[1, 2")
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
         CheckpointReader(tmp_path)
-    (tmp_path / "config.json").write_text("[1, 2")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        CheckpointReader(tmp_path)
+
+
+def test_config_with_an_unknown_layer_type_is_named(tmp_path):
     raw = preset("tiny").to_dict()
     raw["hybrid_override_pattern"] = "MQ"
     raw.pop("num_hidden_layers")
-    (tmp_path / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ConfigError, match="unknown layer type"):
+    (_weights_only(tmp_path) / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"unknown layer type\(s\) \['Q'\]"):
         CheckpointReader(tmp_path)
 
 
@@ -138,10 +149,36 @@ def test_garbage_weights_file(tmp_path):
         CheckpointReader(tmp_path)
 
 
+def test_header_that_is_not_an_object_is_named(tmp_path):
+    preset("tiny").save(tmp_path)
+    header = b"[1, 2]"
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'model.safetensors'} is not a"):
+        CheckpointReader(tmp_path)
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    save_model(random_model(preset("tiny")), tmp_path, max_shard_bytes=200_000)
+    index = tmp_path / "model.safetensors.index.json"
+    raw = json.loads(index.read_text())
+    shard = raw["weight_map"]["lm_head.weight"]
+    raw["weight_map"]["lm_head.weight"] = next(
+        v for v in raw["weight_map"].values() if v != shard)
+    index.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match="tensor 'lm_head.weight' in model-"):
+        CheckpointReader(tmp_path)
+
+
+def test_digest_changes_with_values_of_the_same_shape(tmp_path):
+    make_random_checkpoint(preset("tiny"), tmp_path / "a", seed=1)
+    make_random_checkpoint(preset("tiny"), tmp_path / "b", seed=2)
+    assert CheckpointReader(tmp_path / "a").digest() != CheckpointReader(tmp_path / "b").digest()
+
+
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(CheckpointError, match="cannot write"):
+    with pytest.raises(CheckpointError, match=f"cannot write a checkpoint to {blocker / 'ckpt'}"):
         write_checkpoint(blocker / "ckpt", preset("tiny"), {})
 
 

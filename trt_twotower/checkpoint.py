@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import TwoTowerConfig
@@ -25,6 +25,7 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # The remote code renames ``embedding.`` to ``embeddings.`` on load (spec §3): accept both.
 ALIASES = {".embeddings.weight": ".embedding.weight"}
+DIGEST_SAMPLES, DIGEST_WINDOW = 16, 64 * 1024
 
 
 class CheckpointError(ValueError):
@@ -32,20 +33,32 @@ class CheckpointError(ValueError):
 
 
 def _check_header(path: Path) -> dict:
-    """Parse a safetensors header and check the file holds all the bytes it declares."""
+    """Parse a safetensors header and check the file holds all the bytes it declares: a
+    truncated file would otherwise fail deep inside safetensors, or not at all until read."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise CheckpointError(f"{path} is truncated or corrupt: its header claims "
-                                      f"{length} bytes but the file has {size}")
-            header = json.loads(f.read(length))
-    except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raw = f.read(length) if length <= size - 8 else None
+    except struct.error as err:
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header: {err})") \
             from err
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
-              default=0)
+    if raw is None:
+        raise CheckpointError(f"{path} is truncated or corrupt: its header claims "
+                              f"{length} bytes but the file has {size}")
+    try:
+        header = json.loads(raw)
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes_ok = all(isinstance(v["dtype"], str) and isinstance(v["shape"], list)
+                        for v in tensors.values())
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError,
+            IndexError) as err:
+        raise CheckpointError(f"{path} is not a safetensors file (unreadable header: "
+                              f"{err!r}); download or convert it again") from err
+    if not shapes_ok:
+        raise CheckpointError(f"{path} has a tensor entry without dtype or shape; "
+                              "download or convert it again")
     if 8 + length + end > size:
         raise CheckpointError(f"{path} is truncated: its tensors need {8 + length + end} bytes "
                               f"but the file has {size}; download it again")
@@ -60,6 +73,10 @@ class CheckpointReader:
         self.config = TwoTowerConfig.load(self.directory)
         self._files = self._locate()
         self._headers = {f: _check_header(f) for f in set(self._files.values())}
+        for name, path in sorted(self._files.items()):
+            if name not in self._headers[path]:
+                raise CheckpointError(f"{self.directory / INDEX_FILE} puts tensor {name!r} in "
+                                      f"{path.name}, which does not hold it; fix the index")
 
     def _locate(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
@@ -69,6 +86,10 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise CheckpointError(f"{index} has no valid weight_map: {err}") from err
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard "
+                                      "file names")
             files = {name: self.directory / shard for name, shard in weight_map.items()}
             for shard in sorted(set(files.values())):
                 if not shard.is_file():
@@ -104,8 +125,13 @@ class CheckpointReader:
     def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """One tensor, read from its memory-mapped file."""
         stored = self._resolve(name)
-        with safe_open(str(self._files[stored]), framework="pt") as f:
-            tensor = f.get_tensor(stored)
+        path = self._files[stored]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                tensor = f.get_tensor(stored)
+        except SafetensorError as err:
+            raise CheckpointError(f"cannot read tensor {stored!r} from {path}: {err}; "
+                                  "download or convert the file again") from err
         return tensor if dtype is None else tensor.to(dtype)
 
     def read_tower(self, prefixes: Sequence[str], expected: Mapping[str, tuple[int, ...]],
@@ -141,17 +167,24 @@ class CheckpointReader:
         return name
 
     def digest(self) -> str:
-        """sha256 over config.json, the index and each weight file's name, size and header:
-        cheap even for 120 GB, and it changes whenever a tensor is added, re-shaped or
-        re-written with another length."""
+        """sha256 over config.json, the index and each weight file's name, size, header and
+        a sample of its data (DIGEST_SAMPLES windows of DIGEST_WINDOW bytes, evenly spaced):
+        cheap even for 120 GB (1 MiB read per shard), and it changes whenever a tensor is
+        added, re-shaped or re-trained. Headers alone would give two checkpoints of the same
+        architecture the same digest."""
         h = hashlib.sha256((self.directory / "config.json").read_bytes())
         index = self.directory / INDEX_FILE
         if index.is_file():
             h.update(index.read_bytes())
         for path in sorted(set(self._files.values())):
+            size = path.stat().st_size
             with open(path, "rb") as f:
                 (length,) = struct.unpack("<Q", f.read(8))
-                h.update(path.name.encode() + str(path.stat().st_size).encode() + f.read(length))
+                h.update(path.name.encode() + str(size).encode() + f.read(length))
+                step = max(size - 8 - length - DIGEST_WINDOW, 0) // (DIGEST_SAMPLES - 1)
+                for i in range(DIGEST_SAMPLES):
+                    f.seek(8 + length + i * step)
+                    h.update(f.read(DIGEST_WINDOW))
         return h.hexdigest()
 
     @property
