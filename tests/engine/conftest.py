@@ -12,10 +12,16 @@ BUILD_ARGS = ["--flavor", "tensorrt-rtx", "--max-context", "128",
 
 
 @pytest.fixture(scope="session")
-def bf16_build(tmp_path_factory):
+def bf16_cli(tmp_path_factory):
+    """(build directory, what `trt-twotower build` printed)."""
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
     out = tmp_path_factory.mktemp("engines-bf16")
     result = CliRunner().invoke(main, ["build", *BUILD_ARGS, "--dtype", "bf16", "-o", str(out)],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return out
+    return out, result.output
+
+
+@pytest.fixture(scope="session")
+def bf16_build(bf16_cli):
+    return bf16_cli[0]

@@ -90,3 +90,70 @@ def test_profiles_cover_decode_block_and_prefill():
     denoiser = profiles(preset("tiny"), names.DENOISER_STEP, 64, 8, 16, 48)
     assert [s.name for s in denoiser] == ["block"]
     assert "t" in denoiser[0].shapes and "confidence_threshold" not in denoiser[0].shapes
+
+
+def _router(matmul_dtype):
+    """x @ W → (cast) → Sigmoid → + bias → TopK, the MoE router's shape (spec §2.5)."""
+    _, network = _network()
+    x = network.add_input("x", matmul_dtype, (4, 8))
+    w = network.add_constant((8, 16), trt.Weights(np.ones((8, 16), dtype=np.float32)))
+    w_in = w.get_output(0)
+    if matmul_dtype != trt.float32:
+        w_in = network.add_cast(w_in, matmul_dtype).get_output(0)
+    logits = network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w_in,
+                                         trt.MatrixOperation.NONE)
+    logits.name = "context.layers.1.moe/MatMul_7"
+    scores = logits.get_output(0)
+    if matmul_dtype != trt.float32:
+        scores = network.add_cast(scores, trt.float32).get_output(0)
+    sigmoid = network.add_activation(scores, trt.ActivationType.SIGMOID)
+    bias = network.add_constant((1, 16), trt.Weights(np.zeros((1, 16), dtype=np.float32)))
+    biased = network.add_elementwise(sigmoid.get_output(0), bias.get_output(0),
+                                     trt.ElementWiseOperation.SUM)
+    topk = network.add_topk(biased.get_output(0), trt.TopKOperation.MAX, 2, 1 << 1)
+    network.mark_output(topk.get_output(1))
+    return network
+
+
+def test_router_matmul_in_fp32_passes_and_in_bf16_is_named():
+    assert check_precision(trt, _router(trt.float32)) == 4  # TopK + MatMul, Sigmoid, Add
+    with pytest.raises(NetworkError, match=r"context.layers.1.moe/MatMul_7.*MoE router"):
+        check_precision(trt, _router(trt.bfloat16))
+
+
+def test_scan_exponential_in_half_precision_is_named():
+    _, network = _network()
+    x = network.add_input("x", trt.float16, (2, 4))
+    exp = network.add_unary(x, trt.UnaryOperation.EXP)
+    exp.name = "context.layers.0.mamba/Exp_169"
+    network.mark_output(exp.get_output(0))
+    with pytest.raises(NetworkError, match="Exp_169"):
+        check_precision(trt, network)
+
+
+def test_mamba_A_stored_in_half_precision_is_named():
+    _, network = _network()
+    a = network.add_constant((8,), trt.Weights(np.ones(8, dtype=np.float16)))
+    a.name = "context_tower.layers.0.mixer.A"
+    network.mark_output(a.get_output(0))
+    with pytest.raises(NetworkError, match="mixer.A.*Mamba/router parameter"):
+        check_precision(trt, network)
+
+
+def test_parser_helper_layers_take_the_scope_they_sit_in():
+    _, network = _network()
+    x = network.add_input("x", trt.float32, (2, 2))
+    names_in_order = ["denoiser.layers.2.attention/MatMul_5", "(Unnamed Layer* 7) [Unary]",
+                      "ONNXTRT_castHelper_3", "context_tower.layers.0.norm.weight"]
+    for name in names_in_order:
+        layer = network.add_unary(x, trt.UnaryOperation.ABS)
+        layer.name = name
+        x = layer.get_output(0)
+    network.mark_output(x)
+    name_layers(network, "denoiser_step")
+    name_layers(network, "denoiser_step")
+    assert [network.get_layer(i).name for i in range(4)] == [
+        "denoiser_step:denoiser.layers.2.attention/MatMul_5",
+        "denoiser_step:denoiser.layers.2.attention/(Unnamed Layer* 7) [Unary]",
+        "denoiser_step:denoiser.layers.2.attention/ONNXTRT_castHelper_3",
+        "denoiser_step:context_tower.layers.0.norm.weight"]

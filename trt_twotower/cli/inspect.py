@@ -2,29 +2,45 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+from typing import Optional
 
 import click
 
-KERNEL = re.compile(r"TacticName: ([\w:]+)")
+
+def engine_summary(build_dir: Path, engine: dict) -> Optional[dict]:
+    """The engine's build-log summary (condensed again from the log if the summary is gone)."""
+    from ..engine.build_log import read_summary, summarize
+
+    summary = read_summary(build_dir / engine.get("build_summary", ""))
+    log = build_dir / engine["build_log"]
+    if summary is None and log.is_file():
+        summary = summarize(log.read_text(errors="replace").splitlines())
+    return summary
 
 
-def kernel_summary(log_path: Path, top: int = 5) -> list[tuple[str, int]]:
-    """The most frequent kernels in a DETAILED build log."""
-    if not log_path.is_file():
-        return []
-    counts: dict[str, int] = {}
-    for name in KERNEL.findall(log_path.read_text(errors="replace")):
-        counts[name] = counts.get(name, 0) + 1
-    return sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+def _summary_lines(summary: dict) -> list[str]:
+    kinds = ", ".join(f"{k} ×{n}" for k, n in sorted(summary["layer_types"].items(),
+                                                      key=lambda kv: -kv[1]))
+    lines = [f"  engine: {summary['engine_layers']} layers ({kinds}); activation "
+             f"memory {summary['activation_bytes'] / 2**20:.1f} MiB, weights memory "
+             f"{summary['weights_bytes'] / 2**20:.1f} MiB (as the builder reports them)"]
+    if summary["kernels"]:
+        lines.append("  kernels: " + ", ".join(f"{k} ×{n}" for k, n in
+                                                summary["kernels"].items()))
+    lines.append("  fused attention: " + (", ".join(summary["fused_attention"]) or "none"))
+    return lines
 
 
-def _shape(io: dict, profiles: dict) -> str:
-    """The input's range over all profiles (min of mins, max of maxes), or its declared shape."""
+def _shape(io: dict, profiles: dict, build: dict) -> str:
+    """The input's range over all profiles (min of mins, max of maxes), or its declared shape
+    with the build's batch size and the engine's block length."""
     ranges = [p[io["name"]] for p in profiles.values() if io["name"] in p]
     if not ranges:
-        return "x".join(str(d) for d in io["shape"])
+        blocks = {p["block_ids"][2][1] for p in profiles.values() if "block_ids" in p}
+        sizes = {"batch": f"1..{build['max_batch']}",
+                 "block": "/".join(str(b) for b in sorted(blocks)) or "block"}
+        return "x".join(sizes.get(str(d), str(d)) for d in io["shape"])
     lo = [min(r[0][i] for r in ranges) for i in range(len(ranges[0][0]))]
     hi = [max(r[2][i] for r in ranges) for i in range(len(ranges[0][2]))]
     return "x".join(str(a) if a == b else f"{a}..{b}" for a, b in zip(lo, hi))
@@ -50,16 +66,17 @@ def inspect_command(build_dir: Path, io: bool) -> None:
     for graph, e in manifest["engines"].items():
         click.echo(f"\n{graph}: {e['file']} ({e['bytes'] / 2**20:.1f} MiB) on GPU {e['device']}, "
                    f"{e['flavor']} {e['flavor_version']}, built in "
-                   f"{e['passes']['build_seconds']:.1f} s, {e['passes']['layers']} layers, "
+                   f"{e['passes']['build_seconds']:.1f} s, {e['passes']['layers']} network "
+                   "layers, "
                    f"profiles: {', '.join(e['profiles'])}")
-        kernels = kernel_summary(build_dir / e["build_log"])
-        if kernels:
-            click.echo("  kernels: " + ", ".join(f"{k} ×{n}" for k, n in kernels))
+        summary = engine_summary(build_dir, e)
+        for line in _summary_lines(summary) if summary else []:
+            click.echo(line)
         if io:
             for kind in ("inputs", "outputs"):
                 for t in e[kind]:
                     click.echo(f"  {kind[:-1]:6} {t['name']:24} {t['dtype']:9} "
-                               f"{_shape(t, e['profiles'])}")
+                               f"{_shape(t, e['profiles'], manifest['build'])}")
     try:
         import torch
         has_gpu = torch.cuda.is_available()

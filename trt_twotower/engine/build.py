@@ -15,11 +15,13 @@ from .. import names
 from ..config import TwoTowerConfig
 from ..export.convert import load_manifest, uses_plugin_ops
 from .flavor import Flavor, find_flavor
-from .manifest import plugin_library, sha256_file, write_manifest
+from .build_log import SUMMARY_SUFFIX, write_summary
+from .manifest import ENGINE_RECORD_VERSION, plugin_library, sha256_file, write_manifest
 from .network import NetworkError, add_profiles, prepare_network, profiles
 
 RTX_COMPUTE_CAPABILITIES = ("SM86", "SM89", "SM120")
 BUILD_LOG_SUFFIX = ".build.log"
+TIMING_CACHE_FAILURE = "Failed to deserialize timing cache"
 
 
 class BuildError(RuntimeError):
@@ -58,9 +60,12 @@ def capturing_logger(trt: Any) -> Any:
     return Captured()
 
 
-def _timing_cache(trt: Any, flavor: Flavor, config: Any, path: Optional[Path]) -> None:
-    """Load the cache file into the builder (TensorRT-RTX ignores timing caches: tactics are
-    chosen on the target GPU at run time, so there it is only checked to be readable)."""
+def _timing_cache(trt: Any, flavor: Flavor, config: Any, logger: Any,
+                  path: Optional[Path]) -> None:
+    """Load the cache file into the builder, refusing one that cannot be read or that TensorRT
+    cannot deserialise. TensorRT-RTX chooses tactics on the target GPU at run time and its
+    timing cache is a no-op (deprecated since RTX 1.2; deserialising one needs CUDA), so there
+    the file is only checked to be readable."""
     data = b""
     if path is not None and path.exists():
         try:
@@ -69,21 +74,38 @@ def _timing_cache(trt: Any, flavor: Flavor, config: Any, path: Optional[Path]) -
             raise BuildError(f"cannot read the timing cache {path}: {err.strerror}") from err
     if flavor.is_rtx:
         return
+    seen = len(logger.lines)
     cache = config.create_timing_cache(data)
-    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise BuildError(f"the timing cache {path} is unreadable or from another TensorRT; "
-                         "delete it to start a new one")
+    failed = any(TIMING_CACHE_FAILURE in m for _, m in logger.lines[seen:])
+    if cache is None or failed or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise BuildError(f"the timing cache {path} is corrupt or from another TensorRT or "
+                         "GPU; delete it (a new one is written by the next build)")
 
 
-def _configure(trt: Any, flavor: Flavor, builder: Any, options: BuildOptions) -> Any:
+def _save_timing_cache(flavor: Flavor, config: Any, path: Optional[Path]) -> None:
+    if path is None or flavor.is_rtx:
+        return
+    try:
+        path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    except OSError as err:
+        raise BuildError(f"cannot write the timing cache {path}: {err.strerror}") from err
+
+
+def _configure(trt: Any, flavor: Flavor, builder: Any, logger: Any, options: BuildOptions
+               ) -> Any:
     config = builder.create_builder_config()
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
     if flavor.is_rtx and options.compute_capabilities:
+        known = [c for c in dir(trt.ComputeCapability) if c.startswith("SM")]
+        unknown = [c for c in options.compute_capabilities if c not in known]
+        if unknown:
+            raise BuildError(f"unknown compute capabilities {unknown} for {flavor.name} "
+                             f"{flavor.version}; it knows {', '.join(sorted(known))}")
         config.num_compute_capabilities = len(options.compute_capabilities)
         for i, cc in enumerate(options.compute_capabilities):
             config.set_compute_capability(getattr(trt.ComputeCapability, cc), i)
-    _timing_cache(trt, flavor, config, options.timing_cache)
+    _timing_cache(trt, flavor, config, logger, options.timing_cache)
     return config
 
 
@@ -94,7 +116,7 @@ def build_engine(flavor: Flavor, onnx_path: Path, graph: str, model_config: TwoT
     trt = flavor.module
     logger = capturing_logger(trt)
     builder = trt.Builder(logger)
-    config = _configure(trt, flavor, builder, options)
+    config = _configure(trt, flavor, builder, logger, options)
     try:
         network, _parser, report = prepare_network(trt, builder, logger, onnx_path, graph,
                                                    model_config, max_context, register)
@@ -109,53 +131,91 @@ def build_engine(flavor: Flavor, onnx_path: Path, graph: str, model_config: TwoT
     if plan is None:
         raise BuildError(f"{graph}: TensorRT could not build the engine: "
                          + " | ".join(logger.errors()[-3:]))
-    if options.timing_cache is not None and not flavor.is_rtx:
-        options.timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    _save_timing_cache(flavor, config, options.timing_cache)
     report["profiles"] = {s.name: {k: [list(v) for v in rng] for k, rng in s.shapes.items()}
                           for s in specs}
     return bytes(plan), report, [m for _, m in logger.lines]
 
 
+def _plugin_registration() -> Callable:
+    """The plugin creators' registration, run before parsing (the parser looks them up)."""
+    try:
+        from .plugins import register_plugins
+    except ImportError as err:
+        raise BuildError(f"plugin-lowering graphs need trt_twotower.engine.plugins: {err}") \
+            from err
+    return register_plugins
+
+
+def _build_rtx_plugin_graph(onnx_path: Path, graph: str, config: TwoTowerConfig,
+                            max_context: int, options: BuildOptions, engine_file: Path
+                            ) -> tuple[dict, list[str]]:
+    """TensorRT-RTX parses plugin nodes only through a private path that aborts the process
+    unless its library name resolves: build in a child that can (``rtx_plugins``)."""
+    from .rtx_plugins import PluginBuildError, build_isolated
+
+    try:
+        return build_isolated(onnx_path, graph, config, max_context, options, engine_file)
+    except PluginBuildError as err:
+        raise BuildError(str(err)) from err
+
+
 def build_engines(build_dir: Path, options: BuildOptions,
-                  on_graph: Callable[[str], None] = lambda g: None) -> dict:
-    """Build every graph of a converted directory; write engines, build logs, manifest."""
+                  progress: Callable[[str, Optional[dict]], None] = lambda g, e: None) -> dict:
+    """Build every graph of a converted directory; write engines, build logs and their
+    summaries, and the manifest. ``progress(graph, None)`` is called as a graph starts and
+    ``progress(graph, record)`` when its engine is written."""
     build_dir = Path(build_dir)
     manifest = load_manifest(build_dir)
     flavor = find_flavor(options.flavor)
     plugin = uses_plugin_ops(manifest)
     if plugin and flavor.is_rtx and not options.allow_rtx_plugins:
         raise BuildError("plugin-lowering graphs need full TensorRT: TensorRT-RTX ships no "
-                         "plugin API (its hidden path can abort the process); build the "
-                         "native lowering, or pass --allow-rtx-plugins to try anyway")
-    register = None
-    if plugin:
-        from .plugins import register_plugins
-        register = register_plugins
+                         "plugin API (its private path aborts the process unless isolated); "
+                         "build the native lowering, or pass --allow-rtx-plugins to build "
+                         "each graph in a child process anyway")
+    register = _plugin_registration() if plugin and not flavor.is_rtx else None
     config = TwoTowerConfig.from_dict(manifest["config"])
     library = plugin_library() if plugin else None
+    graphs = options.graphs or tuple(manifest["graphs"])
+    missing = [g for g in graphs if g not in manifest["graphs"]]
+    if missing:
+        raise BuildError(f"{build_dir} has no graph(s) {missing}; it holds "
+                         f"{', '.join(manifest['graphs'])}: convert them first")
     engines = {}
-    for graph in options.graphs or tuple(manifest["graphs"]):
-        on_graph(graph)
+    for graph in graphs:
+        progress(graph, None)
         record = manifest["graphs"][graph]
-        plan, report, log = build_engine(flavor, build_dir / record["file"], graph, config,
-                                         manifest["max_context"], options, register)
         engine_file = build_dir / f"{graph}.engine"
-        engine_file.write_bytes(plan)
+        if plugin and flavor.is_rtx:
+            report, log = _build_rtx_plugin_graph(build_dir / record["file"], graph, config,
+                                                  manifest["max_context"], options, engine_file)
+        else:
+            plan, report, log = build_engine(flavor, build_dir / record["file"], graph, config,
+                                             manifest["max_context"], options, register)
+            engine_file.write_bytes(plan)
+            del plan
         (build_dir / f"{graph}{BUILD_LOG_SUFFIX}").write_text("\n".join(log) + "\n")
+        write_summary(build_dir / f"{graph}{SUMMARY_SUFFIX}", log)
         device = (options.context_device if graph == names.CONTEXT_STEP
                   else options.denoiser_device)
         engines[graph] = {
             "file": engine_file.name, "tower": record["tower"], "device": device,
             "flavor": flavor.name, "flavor_version": flavor.version,
-            "compute_capabilities": list(options.compute_capabilities) if flavor.is_rtx else None,
+            "compute_capabilities": (list(options.compute_capabilities) if flavor.is_rtx
+                                     else None),
             "inputs": record["inputs"], "outputs": record["outputs"],
             "profiles": report.pop("profiles"), "passes": report,
             "plugin_library_sha256": sha256_file(library) if library else None,
-            "sha256": sha256_file(engine_file), "bytes": len(plan),
+            "sha256": sha256_file(engine_file), "bytes": engine_file.stat().st_size,
+            "build_seconds": report["build_seconds"],
             "build_log": f"{graph}{BUILD_LOG_SUFFIX}",
+            "build_summary": f"{graph}{SUMMARY_SUFFIX}",
         }
+        progress(graph, engines[graph])
     manifest.update(stage="engines", engines=engines,
-                    build={"max_batch": options.max_batch, "block_size": options.block_size,
+                    build={"record_version": ENGINE_RECORD_VERSION,
+                           "max_batch": options.max_batch, "block_size": options.block_size,
                            "max_prefill": options.max_prefill})
     write_manifest(build_dir, manifest)
     return manifest

@@ -19,7 +19,7 @@ from ..config import TwoTowerConfig
 from ..runtime.cache import StepCache
 from ..runtime.executor import BackendUnavailable
 from .flavor import FlavorError, find_flavor
-from .manifest import validate_engines
+from .manifest import ManifestError, validate_engines
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -27,9 +27,9 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 class _Engine:
     """One deserialised engine with an execution context per optimisation profile."""
 
-    def __init__(self, trt: Any, path: Path, device: torch.device, profile_names: list[str]
+    def __init__(self, trt: Any, path: Path, device: torch.device, profiles: dict[str, dict]
                  ) -> None:
-        self.device = device
+        self.device, self.profiles, self.path = device, profiles, path
         with torch.cuda.device(device):
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
@@ -38,7 +38,7 @@ class _Engine:
                                          "on this host's TensorRT")
             self.stream = torch.cuda.Stream(device)
             self.contexts = {}
-            for index, name in enumerate(profile_names):
+            for index, name in enumerate(profiles):
                 context = self.engine.create_execution_context()
                 context.set_optimization_profile_async(index, self.stream.cuda_stream)
                 self.contexts[name] = context
@@ -47,6 +47,8 @@ class _Engine:
             bound_outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Execute with ``feeds``; outputs not in ``bound_outputs`` are allocated here."""
         context = self.contexts[profile]
+        feeds = {name: tensor.contiguous() for name, tensor in feeds.items()}
+        self._check_shapes(profile, feeds)
         with torch.cuda.device(self.device):
             for name, tensor in feeds.items():
                 context.set_input_shape(name, tuple(tensor.shape))
@@ -66,6 +68,16 @@ class _Engine:
                 raise RuntimeError(f"TensorRT execution failed (profile {profile})")
             self.stream.synchronize()
         return outputs
+
+    def _check_shapes(self, profile: str, feeds: dict[str, torch.Tensor]) -> None:
+        """A readable error where TensorRT would only say the shape is out of range."""
+        for name, (lo, _, hi) in self.profiles[profile].items():
+            shape = list(feeds[name].shape)
+            if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                raise ValueError(
+                    f"{self.path.name} ({profile} profile) takes {name} from {lo} to {hi}, got "
+                    f"{shape}: rebuild with a larger --max-batch/--max-prefill or the session's "
+                    "--block-size")
 
 
 def _torch_dtype(trt_dtype: Any) -> torch.dtype:
@@ -113,22 +125,28 @@ class TrtDenoiserExecutor:
         self.engines = engines
         self.device = engines[names.DENOISER_STEP].device
 
+    def _engine(self, graph: str) -> _Engine:
+        if graph not in self.engines:
+            raise BackendUnavailable(f"this build has no {graph} engine: build it with "
+                                     f"`trt-twotower build --graph {graph}` (or all graphs)")
+        return self.engines[graph]
+
     def denoiser_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache
                       ) -> torch.Tensor:
-        out = self.engines[names.DENOISER_STEP].run("block", {
+        out = self._engine(names.DENOISER_STEP).run("block", {
             "block_ids": block_ids.to(self.device, torch.int64),
             "t": t.to(self.device, torch.float32), **_feeds(cache)}, {})
         return out["logits"].float().cpu()
 
     def mock_ar_step(self, token_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
-        out = self.engines[names.MOCK_AR_STEP].run("mock-ar", {
+        out = self._engine(names.MOCK_AR_STEP).run("mock-ar", {
             "block_ids": token_ids.to(self.device, torch.int64), **_feeds(cache)}, {})
         return out["logits"][:, -1].float().cpu()
 
     def denoiser_unmask_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache,
                              threshold: float, steps_left: int
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.engines[names.DENOISER_UNMASK_STEP].run("block", {
+        out = self._engine(names.DENOISER_UNMASK_STEP).run("block", {
             "block_ids": block_ids.to(self.device, torch.int64),
             "t": t.to(self.device, torch.float32),
             "confidence_threshold": torch.tensor(threshold, device=self.device),
@@ -138,17 +156,30 @@ class TrtDenoiserExecutor:
 
 
 def open_engines(build_dir: Path, context_device: str, denoiser_device: str) -> Any:
-    """Validate the manifest against this host's TensorRT, then load every engine on the
-    device the command line names (defaults come from the manifest's build devices)."""
+    """Validate the manifest against this host's TensorRT, then load the context engine on
+    ``context_device`` and the denoiser's on ``denoiser_device`` (the manifest's devices are
+    the build's intent; the caller decides where they run)."""
     from ..runtime.backends import OpenBackend
     from ..tokenizer import load_tokenizer
 
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("TensorRT engines run on a GPU host with TensorRT; this "
+                                 "machine has no CUDA GPU (inspect the build with "
+                                 "`trt-twotower inspect`)")
     try:
-        flavor = find_flavor("auto")
+        manifest = validate_engines(Path(build_dir))
+        built_with = {e["flavor"] for e in manifest["engines"].values()}
+        flavor = find_flavor(built_with.pop() if len(built_with) == 1 else "auto")
+        manifest = validate_engines(Path(build_dir), flavor.name, flavor.version)
     except FlavorError as err:
-        raise BackendUnavailable(f"the tensorrt backend needs TensorRT on a GPU host: {err}") \
-            from err
-    manifest = validate_engines(Path(build_dir), flavor.name, flavor.version)
+        raise BackendUnavailable(f"the tensorrt backend needs a GPU and the TensorRT that "
+                                 f"built {build_dir}: {err}") from err
+    except ManifestError as err:  # callers handle BackendUnavailable; the message says why
+        raise BackendUnavailable(str(err)) from err
+    missing = {names.CONTEXT_STEP, names.DENOISER_STEP} - set(manifest["engines"])
+    if missing:
+        raise BackendUnavailable(f"{build_dir} has no {', '.join(sorted(missing))} engine: "
+                                 "rebuild with every graph")
     if manifest.get("lowering") == "plugin":
         from .plugins import register_plugins
         register_plugins(flavor.module)
@@ -158,11 +189,11 @@ def open_engines(build_dir: Path, context_device: str, denoiser_device: str) -> 
     for graph, record in manifest["engines"].items():
         device = devices.get(graph, torch.device(denoiser_device))
         loaded[graph] = _Engine(flavor.module, Path(build_dir) / record["file"], device,
-                                list(record["profiles"]))
+                                record["profiles"])
     build = manifest["build"]
     context = TrtContextExecutor(loaded[names.CONTEXT_STEP], config, build["block_size"],
                                  build["max_prefill"])
     denoiser = TrtDenoiserExecutor(loaded)
     return OpenBackend("tensorrt", context, denoiser, config, load_tokenizer(build_dir),
                        manifest["max_context"], TORCH_DTYPES[manifest["dtype"]],
-                       fused_unmask=True)
+                       fused_unmask=names.DENOISER_UNMASK_STEP in loaded)

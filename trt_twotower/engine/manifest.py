@@ -16,6 +16,9 @@ from typing import Optional
 from ..config import TwoTowerConfig
 from ..export.convert import MANIFEST, load_manifest
 
+# The engines part extends manifest schema 1 (export.convert): bump this when an engine
+# record changes meaning, so older builds are refused with "rebuild" instead of misread.
+ENGINE_RECORD_VERSION = 1
 PLUGIN_LIBRARY_ENV = "TWOTOWER_PLUGIN_LIB"
 DEFAULT_PLUGIN_LIBRARY = Path("build/plugins/libtwotower_plugins.so")
 
@@ -51,6 +54,11 @@ def validate_engines(build_dir: Path, flavor_name: Optional[str] = None,
     if manifest.get("stage") != "engines" or not manifest.get("engines"):
         raise ManifestError(f"{build_dir} holds graphs but no engines: run "
                             "`trt-twotower build` on it")
+    version = manifest.get("build", {}).get("record_version")
+    if version != ENGINE_RECORD_VERSION:
+        raise ManifestError(f"{build_dir} was built by a trt-twotower whose engine records are "
+                            f"version {version!r}; this one reads {ENGINE_RECORD_VERSION}: "
+                            "rebuild with `trt-twotower build`")
     config_file = build_dir / "config.json"
     if config_file.is_file() and \
             TwoTowerConfig.load(config_file) != TwoTowerConfig.from_dict(manifest["config"]):

@@ -44,58 +44,152 @@ def _layers(network: Any) -> list[Any]:
 
 
 # Layers whose input must be fp32 (spec §8): reductions of norms and softmax, routing top-k,
-# the scan's cumulative sums, softplus of dt.
+# the scan's cumulative sums and exponentials, softplus of dt.
 FP32_LAYER_TYPES = ("TOPK", "REDUCE", "CUMULATIVE", "SOFTMAX")
+FP32_UNARY_OPS = ("EXP",)
+FP32_ACTIVATIONS = ("SOFTPLUS",)
+# Parameters of the Mamba dt/A/D math and of the MoE router, by their checkpoint names.
+FP32_WEIGHT_SUFFIXES = (".mixer.A", ".mixer.dt_bias", ".mixer.D", ".gate.weight",
+                        ".gate.e_score_correction_bias")
+# Layers a router's MatMul → Sigmoid → (+ bias) → TopK chain may pass through.
+ROUTER_PASS_THROUGH = ("ELEMENTWISE", "ACTIVATION", "CAST", "SHUFFLE")
+
+
+def _narrow(trt: ModuleType, tensor: Any) -> bool:
+    return tensor is not None and tensor.dtype in (trt.float16, trt.bfloat16)
+
+
+def _needs_fp32_input(trt: ModuleType, layer: Any, kind: Any) -> bool:
+    if kind in {getattr(trt.LayerType, t) for t in FP32_LAYER_TYPES}:
+        return True
+    if kind == trt.LayerType.UNARY:
+        return _downcast(trt, layer, kind).op.name in FP32_UNARY_OPS
+    if kind == trt.LayerType.ACTIVATION:
+        return _downcast(trt, layer, kind).type.name in FP32_ACTIVATIONS
+    return False
+
+
+def _router_chain(trt: ModuleType, producers: dict, kinds: dict, tensor: Any, depth: int = 8,
+                  after_sigmoid: bool = False) -> Optional[list[Any]]:
+    """The layers from a router's MatMul to the tensor a TopK reads, if it reads one (a
+    Sigmoid between them is what tells a router from any other top-k)."""
+    layer = producers.get(tensor.name)
+    if layer is None or depth == 0:
+        return None
+    kind = kinds[id(layer)]
+    if kind == trt.LayerType.MATRIX_MULTIPLY:
+        return [layer] if after_sigmoid else None
+    if kind.name not in ROUTER_PASS_THROUGH:
+        return None
+    sigmoid = (kind == trt.LayerType.ACTIVATION and
+               _downcast(trt, layer, kind).type == trt.ActivationType.SIGMOID)
+    for i in range(layer.num_inputs):
+        source = layer.get_input(i)
+        chain = None if source is None else _router_chain(
+            trt, producers, kinds, source, depth - 1, after_sigmoid or sigmoid)
+        if chain is not None:
+            return chain + [layer]
+    return None
+
+
+def _fp32_error(layer: Any, what: str, dtype: Any) -> NetworkError:
+    return NetworkError(f"layer {layer.name!r} ({layer.type.name}) {what} in {dtype}; "
+                        "TwoTower needs fp32 there (spec §8): export with the fp32 casts")
 
 
 def check_precision(trt: ModuleType, network: Any) -> int:
-    """Raise naming any layer of the kinds above (or a softplus) that reads a narrower float
-    than fp32; returns how many layers were checked."""
-    wanted = {getattr(trt.LayerType, t) for t in FP32_LAYER_TYPES}
-    narrow = {trt.float16, trt.bfloat16}
+    """Raise naming the first layer that breaks spec §8's fp32 islands: the reductions, top-k,
+    cumulative sums, exponentials and softplus above; every layer of a MoE router from its
+    MatMul through the Sigmoid to the TopK; the Mamba A/dt/D and router parameters. Returns
+    how many layers were checked."""
+    layers = _layers(network)
+    kinds = {id(layer): layer.type for layer in layers}
+    producers = {layer.get_output(j).name: layer
+                 for layer in layers for j in range(layer.num_outputs)}
+    try:
+        return _check_layers(trt, layers, kinds, producers)
+    finally:
+        _restore(trt, layers)
+
+
+def _check_layers(trt: ModuleType, layers: list[Any], kinds: dict, producers: dict) -> int:
     checked = 0
-    for layer in _layers(network):
-        is_softplus = (layer.type == trt.LayerType.ACTIVATION and
-                       _downcast(trt, layer).type == trt.ActivationType.SOFTPLUS)
-        if layer.type not in wanted and not is_softplus:
+    for layer in layers:
+        kind = kinds[id(layer)]
+        if kind == trt.LayerType.CONSTANT:
+            if layer.name.endswith(FP32_WEIGHT_SUFFIXES):
+                checked += 1
+                if _narrow(trt, layer.get_output(0)):
+                    raise _fp32_error(layer, "stores a Mamba/router parameter",
+                                      layer.get_output(0).dtype)
             continue
-        checked += 1
-        source = layer.get_input(0)
-        if source is not None and source.dtype in narrow:
-            raise NetworkError(f"layer {layer.name!r} ({layer.type.name}) computes in "
-                               f"{source.dtype}; TwoTower needs fp32 there (spec §8)")
+        if _needs_fp32_input(trt, layer, kind):
+            checked += 1
+            if _narrow(trt, layer.get_input(0)):
+                raise _fp32_error(layer, "computes", layer.get_input(0).dtype)
+        if kind == trt.LayerType.TOPK:
+            for link in _router_chain(trt, producers, kinds, layer.get_input(0)) or []:
+                checked += 1
+                for i in range(link.num_inputs):
+                    if _narrow(trt, link.get_input(i)):
+                        raise _fp32_error(link, "computes the MoE router",
+                                          link.get_input(i).dtype)
     return checked
 
 
-def _downcast(trt: ModuleType, layer: Any) -> Any:
+def _downcast(trt: ModuleType, layer: Any, kind: Any) -> Any:
+    """The layer as its own class (the bindings hand out ILayer). This rebinds the Python
+    wrapper, after which ``.type`` means the subclass's type: callers pass the LayerType they
+    read before, and ``_restore`` undoes it when the pass ends."""
     kinds = {trt.LayerType.ACTIVATION: trt.IActivationLayer,
+             trt.LayerType.UNARY: trt.IUnaryLayer,
              trt.LayerType.ATTENTION_INPUT: trt.IAttentionInputLayer,
              trt.LayerType.ATTENTION_OUTPUT: trt.IAttentionOutputLayer}
-    if layer.type in kinds:
-        layer.__class__ = kinds[layer.type]
+    if kind in kinds:
+        layer.__class__ = kinds[kind]
     return layer
+
+
+def _restore(trt: ModuleType, layers: list[Any]) -> None:
+    for layer in layers:
+        layer.__class__ = trt.ILayer
 
 
 def mark_attention_decomposable(trt: ModuleType, network: Any) -> int:
     """fp32 attention has no fused kernel and fails to build unless it may be decomposed
     (tensorrt-rtx-notes §1): mark those; returns how many were marked."""
     marked = 0
-    for layer in _layers(network):
-        if layer.type != trt.LayerType.ATTENTION_OUTPUT:
+    layers = _layers(network)
+    for layer in layers:
+        kind = layer.type
+        if kind != trt.LayerType.ATTENTION_OUTPUT:
             continue
-        attention = _downcast(trt, layer).attention
+        attention = _downcast(trt, layer, kind).attention
         if attention.get_input(0).dtype == trt.float32 and not attention.decomposable:
             attention.decomposable = True
             marked += 1
+    _restore(trt, layers)
     return marked
 
 
+# Names the ONNX parser gives the layers it adds (shape arithmetic, broadcasts, casts) and the
+# exporter's anonymous constants: they take the scope of the exporter node they sit among.
+HELPER_NAME_PREFIXES = ("ONNXTRT_", "(Unnamed Layer", "const_")
+
+
 def name_layers(network: Any, graph: str) -> None:
-    """Prefix every layer with its graph, keeping the exporter's scope ("context.layers.3.
-    mamba/…"), so build logs and profiles read like the model."""
+    """Prefix every layer with its graph and keep the exporter's scope ("context.layers.3.
+    mamba/…"), giving the parser's helper layers the scope they sit in, so build logs and
+    profiles read like the model."""
+    scope = None
     for layer in _layers(network):
-        if not layer.name.startswith(f"{graph}:"):
-            layer.name = f"{graph}:{layer.name}"
+        name = layer.name.removeprefix(f"{graph}:")
+        if name.startswith(HELPER_NAME_PREFIXES):
+            if scope is not None:
+                name = f"{scope}/{name}"
+        elif "/" in name:
+            scope = name.rsplit("/", 1)[0]
+        layer.name = f"{graph}:{name}"
 
 
 def mark_outputs(network: Any, config: TwoTowerConfig, max_context: int, graph: str) -> None:
