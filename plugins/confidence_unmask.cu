@@ -1,11 +1,14 @@
 // Confidence unmasking: one mask-diffusion step fused after the denoiser's logits.
 //
-// Kernel 1, one CTA per block position: a single pass over the V logits with an online softmax
-// keeps (max, argmax, sum of exp) per thread, merged across the CTA; the mask token counts as
-// -1e12 (it can never be predicted). The position's confidence is the argmax's probability,
-// 1 / sum(exp(x - max)). Kernel 2, one CTA per row: the commit rule of
-// trt_twotower.policy.commit_step, with the same tie-breaking (argmax: lowest token id;
-// commit order: higher confidence first, then the earlier position).
+// The vocabulary of each block position is split into chunks so that batch 1 still fills the
+// GPU. Kernel `vocab_stats`, one CTA per (chunk, position): a single pass over the chunk's
+// logits keeps an online softmax (max, sum of exp, first argmax) of the logits with the mask
+// token at -1e12 (policy.suppress_mask), and with temperature > 0 also the (max, sum) of the
+// tempered logits. Only when sampling, kernel `tempered_argmax` makes a second pass: the
+// Gumbel-max draw argmax(log_softmax(x / T) + g), with g re-computed from policy's
+// counter-based hash. Kernel `commit_rule`, one CTA per row: merges the chunks, takes the
+// untempered probability of the chosen token as its confidence, and applies
+// policy.commit_step's rule (most confident first, ties to the earlier position).
 #include <cmath>
 #include <cstdint>
 
@@ -15,64 +18,217 @@ namespace tt {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxChunks = 64;
+constexpr int kMinChunkElems = 2048;
 constexpr float kMaskLogit = -1e12f;
+constexpr double kGumbelUMin = 1e-10;
+// Above every value gumbel() can return (u <= 1 - 2^-25 gives at most 17.33): a token whose
+// tempered log-probability plus this cannot beat the best so far needs no noise computed.
+constexpr float kGumbelBound = 17.5f;
 
-struct Best {
-  float max;
-  float sum;
-  int64_t index;
+// What one chunk of one position leaves for the merge (8 words, one 32-byte line).
+struct Partial {
+  float max, sum;            // untempered online softmax
+  float tmax, tsum;          // tempered online softmax (temperature > 0)
+  float best;                // tempered score of the sampled token (temperature > 0)
+  int index;                 // untempered argmax, or the sampled token
+  int pad[2];
 };
 
-__device__ __forceinline__ Best merge(Best a, Best b) {
+struct Softmax {
+  float max, sum;
+  int index;
+};
+
+__device__ __forceinline__ Softmax merge(Softmax a, Softmax b) {
   if (b.max == -INFINITY) return a;
   if (a.max == -INFINITY) return b;
   const float m = fmaxf(a.max, b.max);
-  Best out;
-  out.max = m;
-  out.sum = a.sum * __expf(a.max - m) + b.sum * __expf(b.max - m);
-  out.index = a.max > b.max ? a.index : (b.max > a.max ? b.index : min(a.index, b.index));
-  return out;
+  const int index = a.max > b.max ? a.index : (b.max > a.max ? b.index : min(a.index, b.index));
+  return {m, a.sum * __expf(a.max - m) + b.sum * __expf(b.max - m), index};
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
-position_argmax(const T* __restrict__ logits, int vocab, int64_t mask_token_id,
-                int64_t* __restrict__ pred, float* __restrict__ prob) {
-  const int64_t position = blockIdx.x;
-  const T* row = logits + position * vocab;
-  Best best{-INFINITY, 0.f, 0};
-  for (int v = threadIdx.x; v < vocab; v += kThreads) {
-    const float x = v == mask_token_id ? kMaskLogit : to_float(row[v]);
-    if (x > best.max) {
-      best.sum = best.sum * __expf(best.max - x) + 1.f;
-      best.max = x;
-      best.index = v;
-    } else {
-      best.sum += __expf(x - best.max);
+__device__ __forceinline__ void push(Softmax& s, float x, int v) {
+  if (x > s.max) {
+    s.sum = s.sum * __expf(s.max - x) + 1.f;
+    s.max = x;
+    s.index = v;
+  } else {
+    s.sum += __expf(x - s.max);
+  }
+}
+
+// Best (score, lowest index) pair.
+__device__ __forceinline__ void keep_best(float& best, int& index, float x, int v) {
+  if (x > best || (x == best && v < index)) {
+    best = x;
+    index = v;
+  }
+}
+
+// The 32-bit finaliser of MurmurHash3, as policy._fmix32.
+__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// policy.gumbel_noise for one (seed, step_key, position, token): fp64, then fp32.
+__device__ __forceinline__ float gumbel(uint32_t row_key, uint32_t token) {
+  const uint32_t h = fmix32(row_key ^ token);
+  const double u = fmax((static_cast<double>(h >> 8) + 0.5) / 16777216.0, kGumbelUMin);
+  return static_cast<float>(-log(-log(u)));
+}
+
+// Loads element v of a row as a float (mask token replaced), 8 at a time where aligned.
+template <typename T> struct Row {
+  const T* data;
+  int64_t mask_token_id;
+  __device__ __forceinline__ float at(int v) const {
+    return v == mask_token_id ? kMaskLogit : to_float(data[v]);
+  }
+};
+
+// Calls f(x, v) for every v in [begin, end) that this thread owns, in ascending order per
+// thread; 16-byte loads when the row is aligned (the usual case: V a multiple of 8).
+template <typename T, typename F>
+__device__ __forceinline__ void for_each(const Row<T>& row, int begin, int end, bool vectorised,
+                                         F f) {
+  constexpr int kPerVector = 16 / sizeof(T);
+  if (vectorised) {
+    // kUnroll 16-byte loads in flight per thread before any is used; the elements a thread
+    // owns are still visited in ascending order.
+    constexpr int kUnroll = 4, kStep = kThreads * kPerVector;
+    int base = begin + threadIdx.x * kPerVector;
+    for (; base + (kUnroll - 1) * kStep < end; base += kUnroll * kStep) {
+      uint4 raw[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        raw[u] = *reinterpret_cast<const uint4*>(row.data + base + u * kStep);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const T* values = reinterpret_cast<const T*>(&raw[u]);
+#pragma unroll
+        for (int i = 0; i < kPerVector; ++i) {
+          const int v = base + u * kStep + i;
+          f(v == row.mask_token_id ? kMaskLogit : to_float(values[i]), v);
+        }
+      }
     }
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    Best other;
-    other.max = __shfl_xor_sync(0xffffffffu, best.max, offset);
-    other.sum = __shfl_xor_sync(0xffffffffu, best.sum, offset);
-    other.index = __shfl_xor_sync(0xffffffffu, best.index, offset);
-    best = merge(best, other);
-  }
-  __shared__ Best warps[kThreads / 32];
-  if (threadIdx.x % 32 == 0) warps[threadIdx.x / 32] = best;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    Best total = warps[0];
-    for (int w = 1; w < kThreads / 32; ++w) total = merge(total, warps[w]);
-    pred[position] = total.index;
-    prob[position] = 1.f / total.sum;
+    for (; base < end; base += kStep) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row.data + base);
+      const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < kPerVector; ++i) {
+        const int v = base + i;
+        f(v == row.mask_token_id ? kMaskLogit : to_float(values[i]), v);
+      }
+    }
+  } else {
+    for (int v = begin + threadIdx.x; v < end; v += kThreads) f(row.at(v), v);
   }
 }
 
-__global__ void commit_rule(const int64_t* __restrict__ block, const int64_t* __restrict__ pred,
-                            const float* __restrict__ prob, int64_t* __restrict__ next_block,
-                            float* __restrict__ confidence, int64_t* __restrict__ masked_count,
-                            int width, int64_t mask_token_id, float threshold,
+template <typename T> __device__ __forceinline__ T shuffle(T x, int offset) {
+  return __shfl_xor_sync(0xffffffffu, x, offset);
+}
+
+__device__ __forceinline__ Softmax shuffle_value(Softmax s, int offset) {
+  return {shuffle(s.max, offset), shuffle(s.sum, offset), shuffle(s.index, offset)};
+}
+
+struct Best {
+  float score;
+  int index;
+};
+__device__ __forceinline__ Best shuffle_value(Best b, int offset) {
+  return {shuffle(b.score, offset), shuffle(b.index, offset)};
+}
+
+// Merges a per-thread value across the CTA with `op`; every thread gets the result.
+template <typename V, typename Op>
+__device__ __forceinline__ V cta_reduce(V value, Op op, V* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = op(value, shuffle_value(value, offset));
+  const int warp = threadIdx.x / 32;
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) scratch[warp] = value;
+  __syncthreads();
+  V total = scratch[0];
+  for (int w = 1; w < kThreads / 32; ++w) total = op(total, scratch[w]);
+  return total;
+}
+
+struct Params {
+  const void* logits;
+  const int64_t* seeds;
+  Partial* partials;
+  int vocab, chunk, chunks;
+  int64_t mask_token_id, step_key;
+  float inv_temperature;
+  bool vectorised;
+};
+
+template <typename T, bool kTempered>
+__global__ void __launch_bounds__(kThreads) vocab_stats(Params p) {
+  const int chunk = blockIdx.x, position = blockIdx.y;
+  const Row<T> row{static_cast<const T*>(p.logits) + static_cast<int64_t>(position) * p.vocab,
+                   p.mask_token_id};
+  const int begin = chunk * p.chunk, end = min(p.vocab, begin + p.chunk);
+  Softmax plain{-INFINITY, 0.f, 0}, tempered{-INFINITY, 0.f, 0};
+  for_each(row, begin, end, p.vectorised, [&](float x, int v) {
+    push(plain, x, v);
+    if (kTempered) push(tempered, x * p.inv_temperature, v);
+  });
+  __shared__ Softmax scratch[kThreads / 32];
+  plain = cta_reduce(plain, merge, scratch);
+  if (kTempered) tempered = cta_reduce(tempered, merge, scratch);
+  if (threadIdx.x == 0) {
+    Partial& out = p.partials[static_cast<int64_t>(position) * p.chunks + chunk];
+    out = Partial{plain.max, plain.sum, tempered.max, tempered.sum, -INFINITY, plain.index, {0, 0}};
+  }
+}
+
+// Second pass when sampling: argmax over the chunk of log_softmax(x / T) + gumbel, the
+// tempered log-normaliser coming from all chunks' stats of this position.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) tempered_argmax(Params p, int block) {
+  const int chunk = blockIdx.x, position = blockIdx.y;
+  const Partial* stats = p.partials + static_cast<int64_t>(position) * p.chunks;
+  Softmax total{-INFINITY, 0.f, 0};
+  for (int c = 0; c < p.chunks; ++c) total = merge(total, Softmax{stats[c].tmax, stats[c].tsum, 0});
+  const float log_sum = logf(total.sum);
+  const Row<T> row{static_cast<const T*>(p.logits) + static_cast<int64_t>(position) * p.vocab,
+                   p.mask_token_id};
+  const int b = position / block, s = position % block;
+  uint32_t key = fmix32(static_cast<uint32_t>(p.seeds[b]));
+  key = fmix32(key ^ static_cast<uint32_t>(p.step_key));
+  key = fmix32(key ^ static_cast<uint32_t>(s));
+  Best best{-INFINITY, 0x7fffffff};
+  const int begin = chunk * p.chunk, end = min(p.vocab, begin + p.chunk);
+  for_each(row, begin, end, p.vectorised, [&](float x, int v) {
+    const float log_prob = (x * p.inv_temperature - total.max) - log_sum;
+    if (log_prob + kGumbelBound < best.score) return;  // fp32 rounding is monotonic: exact
+    keep_best(best.score, best.index, log_prob + gumbel(key, v), v);
+  });
+  __shared__ Best scratch[kThreads / 32];
+  best = cta_reduce(best, [](Best a, Best c) {
+    keep_best(a.score, a.index, c.score, c.index);
+    return a;
+  }, scratch);
+  if (threadIdx.x == 0) {
+    Partial& out = p.partials[static_cast<int64_t>(position) * p.chunks + chunk];
+    out.best = best.score;
+    out.index = best.index;
+  }
+}
+
+// One CTA per row, one thread per block position.
+template <typename T>
+__global__ void commit_rule(Params p, bool tempered, const int64_t* __restrict__ block,
+                            int64_t* __restrict__ next_block, float* __restrict__ confidence,
+                            int64_t* __restrict__ masked_count, int width, float threshold,
                             int64_t steps_left) {
   extern __shared__ float conf[];
   int* masked = reinterpret_cast<int*>(conf + width);
@@ -81,9 +237,20 @@ __global__ void commit_rule(const int64_t* __restrict__ block, const int64_t* __
   const int64_t at = static_cast<int64_t>(b) * width + i;
   if (i == 0) n_masked = n_above = 0;
   __syncthreads();
+  int64_t pred = 0;
   if (i < width) {
-    masked[i] = block[at] == mask_token_id;
-    conf[i] = masked[i] ? prob[at] : INFINITY;
+    const Partial* parts = p.partials + at * p.chunks;
+    Softmax plain{-INFINITY, 0.f, 0};
+    Best sampled{-INFINITY, 0x7fffffff};
+    for (int c = 0; c < p.chunks; ++c) {
+      plain = merge(plain, Softmax{parts[c].max, parts[c].sum, parts[c].index});
+      if (tempered) keep_best(sampled.score, sampled.index, parts[c].best, parts[c].index);
+    }
+    pred = tempered ? sampled.index : plain.index;
+    const Row<T> row{static_cast<const T*>(p.logits) + at * p.vocab, p.mask_token_id};
+    const float prob = expf((row.at(static_cast<int>(pred)) - plain.max) - logf(plain.sum));
+    masked[i] = block[at] == p.mask_token_id;
+    conf[i] = masked[i] ? prob : INFINITY;
     if (masked[i]) {
       atomicAdd(&n_masked, 1);
       if (conf[i] > threshold) atomicAdd(&n_above, 1);
@@ -102,51 +269,93 @@ __global__ void commit_rule(const int64_t* __restrict__ block, const int64_t* __
   for (int j = 0; j < width; ++j)
     if (masked[j] && (conf[j] > conf[i] || (conf[j] == conf[i] && j < i))) ++rank;
   const bool commit = masked[i] && rank < commits;
-  next_block[at] = commit ? pred[at] : block[at];
+  next_block[at] = commit ? pred : block[at];
   confidence[at] = conf[i];
   if (i == 0) masked_count[b] = n - commits;
+}
+
+// Chunks per position: enough CTAs for about four per SM, each at least kMinChunkElems long.
+int choose_chunks(int positions, int vocab) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int chunks = (4 * sms + positions - 1) / positions;
+  const int by_length = (vocab + kMinChunkElems - 1) / kMinChunkElems;
+  chunks = chunks < by_length ? chunks : by_length;
+  chunks = chunks < kMaxChunks ? chunks : kMaxChunks;
+  return chunks > 0 ? chunks : 1;
+}
+
+template <typename T>
+int launch(Params p, const int64_t* block, int64_t* next_block, float* confidence,
+           int64_t* masked_count, int batch, int width, float threshold, int64_t steps_left,
+           bool tempered, cudaStream_t stream) {
+  p.vectorised = p.vocab % (16 / sizeof(T)) == 0 &&
+                 reinterpret_cast<uintptr_t>(p.logits) % 16 == 0;
+  const dim3 grid(p.chunks, batch * width);
+  if (tempered) {
+    vocab_stats<T, true><<<grid, kThreads, 0, stream>>>(p);
+    tempered_argmax<T><<<grid, kThreads, 0, stream>>>(p, width);
+  } else {
+    vocab_stats<T, false><<<grid, kThreads, 0, stream>>>(p);
+  }
+  const size_t shared = static_cast<size_t>(width) * (sizeof(float) + sizeof(int));
+  commit_rule<T><<<batch, (width + 31) / 32 * 32, shared, stream>>>(
+      p, tempered, block, next_block, confidence, masked_count, width, threshold, steps_left);
+  return launch_status();
 }
 
 }  // namespace
 }  // namespace tt
 
-extern "C" int64_t tt_confidence_unmask_workspace_bytes(int batch, int block) {
-  if (batch <= 0 || block <= 0) return -1;
-  return static_cast<int64_t>(batch) * block * (sizeof(int64_t) + sizeof(float));
+extern "C" int64_t tt_confidence_unmask_workspace_bytes(int batch, int block, int vocab) {
+  if (batch <= 0 || block <= 0 || vocab <= 0) return -1;
+  const int64_t positions = static_cast<int64_t>(batch) * block;
+  return positions * tt::choose_chunks(static_cast<int>(positions), vocab) *
+         static_cast<int64_t>(sizeof(tt::Partial));
 }
 
 extern "C" int tt_confidence_unmask(const void* logits, const int64_t* block,
                                     int64_t* next_block, float* confidence,
-                                    int64_t* masked_count, void* workspace,
+                                    int64_t* masked_count, const int64_t* seeds, void* workspace,
                                     int64_t workspace_bytes, int batch, int block_size,
                                     int vocab, int64_t mask_token_id, float threshold,
-                                    int64_t steps_left, float temperature, int dtype,
-                                    tt_stream_t stream) {
+                                    int64_t steps_left, float temperature, int64_t step_key,
+                                    int dtype, tt_stream_t stream) {
+  const bool tempered = temperature > 0.f;
   if (!logits || !block || !next_block || !confidence || !masked_count || !workspace ||
-      batch <= 0 || block_size <= 0 || block_size > 1024 || vocab <= 0 || mask_token_id < 0 ||
-      mask_token_id >= vocab || steps_left < 1)
+      (tempered && !seeds) || batch <= 0 || block_size <= 0 || block_size > 1024 ||
+      vocab <= 0 || mask_token_id < 0 || mask_token_id >= vocab || steps_left < 1 ||
+      !(temperature >= 0.f))
     return TT_ERR_INVALID_ARGUMENT;
-  if (temperature > 0.f) return TT_ERR_UNSUPPORTED;  // sampling runs unfused (trt_twotower.policy)
-  if (workspace_bytes < tt_confidence_unmask_workspace_bytes(batch, block_size))
-    return TT_ERR_WORKSPACE;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const int positions = batch * block_size;
-  int64_t* pred = static_cast<int64_t*>(workspace);
-  float* prob = reinterpret_cast<float*>(pred + positions);
-  if (dtype == TT_FLOAT32)
-    tt::position_argmax<float><<<positions, tt::kThreads, 0, s>>>(
-        static_cast<const float*>(logits), vocab, mask_token_id, pred, prob);
-  else if (dtype == TT_BFLOAT16)
-    tt::position_argmax<__nv_bfloat16><<<positions, tt::kThreads, 0, s>>>(
-        static_cast<const __nv_bfloat16*>(logits), vocab, mask_token_id, pred, prob);
-  else
+  if (dtype != TT_FLOAT32 && dtype != TT_BFLOAT16 && dtype != TT_FLOAT16)
     return TT_ERR_UNSUPPORTED;
-  const size_t shared = static_cast<size_t>(block_size) * (sizeof(float) + sizeof(int));
-  const int threads = (block_size + 31) / 32 * 32;
-  tt::commit_rule<<<batch, threads, shared, s>>>(block, pred, prob, next_block, confidence,
-                                                 masked_count, block_size, mask_token_id,
-                                                 threshold, steps_left);
-  return tt::launch_status();
+  if (workspace_bytes < tt_confidence_unmask_workspace_bytes(batch, block_size, vocab))
+    return TT_ERR_WORKSPACE;
+  tt::Params p{};
+  p.logits = logits;
+  p.seeds = seeds;
+  p.partials = static_cast<tt::Partial*>(workspace);
+  p.vocab = vocab;
+  p.chunks = tt::choose_chunks(batch * block_size, vocab);
+  // Chunk boundaries on multiples of 8 elements keep the 16-byte loads aligned.
+  p.chunk = ((vocab + p.chunks - 1) / p.chunks + 7) / 8 * 8;
+  p.mask_token_id = mask_token_id;
+  p.step_key = step_key;
+  // torch divides by a scalar temperature on CUDA as a multiplication by its fp32 reciprocal.
+  p.inv_temperature = tempered ? 1.f / temperature : 0.f;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case TT_FLOAT32:
+      return tt::launch<float>(p, block, next_block, confidence, masked_count, batch, block_size,
+                               threshold, steps_left, tempered, s);
+    case TT_FLOAT16:
+      return tt::launch<__half>(p, block, next_block, confidence, masked_count, batch,
+                                block_size, threshold, steps_left, tempered, s);
+    default:
+      return tt::launch<__nv_bfloat16>(p, block, next_block, confidence, masked_count, batch,
+                                       block_size, threshold, steps_left, tempered, s);
+  }
 }
 
 extern "C" const char* tt_error_string(int code) {

@@ -1,7 +1,8 @@
 """The CUDA kernels against their torch definitions (GPU hosts with the compiled library).
 
 Run there:  bash build_scripts/build_plugins.sh && pytest -m gpu tests/engine/test_kernels_gpu.py
-The full grid and the benchmarks are in bench/kernels.py.
+The full grid and the benchmarks are in bench/kernels.py. Outputs are poisoned (NaN, -1)
+before each launch so that a position the kernel forgets to write fails the comparison.
 """
 
 import pytest
@@ -13,8 +14,7 @@ from trt_twotower.engine.kernel_library import KernelError, KernelLibrary, libra
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or not library_path().is_file(),
-                       reason="needs a CUDA GPU and the compiled plugin library "
-                              "(build_scripts/build_plugins.sh)"),
+                       reason="needs a CUDA GPU and the compiled plugin library"),
 ]
 MASK = 3
 
@@ -24,32 +24,49 @@ def lib():
     return KernelLibrary()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def _random(g, dtype, *shape):
+    return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
 @pytest.mark.parametrize("b,s,p,hq,hkv,d", [(1, 16, 0, 4, 2, 16), (3, 8, 300, 32, 2, 128),
-                                             (2, 16, 2000, 8, 8, 64)])
+                                             (2, 16, 2000, 8, 8, 64), (4, 32, 5000, 4, 2, 32),
+                                             (1, 16, 70000, 32, 2, 128)])
 def test_block_cross_attention_matches_definition(lib, dtype, tol, b, s, p, hq, hkv, d):
-    g = torch.Generator(device="cuda").manual_seed(p)
-    r = lambda *shape: torch.randn(*shape, generator=g, device="cuda").to(dtype)  # noqa: E731
-    q, ck, cv = r(b, s, hq, d), r(b, hkv, max(p, 1), d), r(b, hkv, max(p, 1), d)
-    bk, bv = r(b, hkv, s, d), r(b, hkv, s, d)
-    lengths = torch.tensor([p - i * (p // 3) for i in range(b)], device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(p + d)
+    q, ck, cv = (_random(g, dtype, b, s, hq, d), _random(g, dtype, b, hkv, max(p, 1), d),
+                 _random(g, dtype, b, hkv, max(p, 1), d))
+    bk, bv = _random(g, dtype, b, hkv, s, d), _random(g, dtype, b, hkv, s, d)
+    lengths = torch.tensor([p - i * (p // max(b - 1, 1)) for i in range(b)], device="cuda")
     out = torch.full_like(q, float("nan"))
     lib.block_cross_attention(q, ck, cv, lengths, bk, bv, out=out)
     ref = fused_ops.block_cross_attention(q.float(), ck.float(), cv.float(), lengths, bk.float(),
                                           bv.float())
-    assert torch.isfinite(out).all() and float((out.float() - ref).abs().max()) <= tol
+    assert torch.isfinite(out).all()
+    assert float((out.float() - ref).abs().max()) <= tol
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_confidence_unmask_matches_policy(lib, dtype):
-    g = torch.Generator(device="cuda").manual_seed(0)
-    logits = (torch.randn(4, 16, 131072, generator=g, device="cuda") * 4).to(dtype)
+def _poisoned(b, s):
+    return (torch.full((b, s), -1, dtype=torch.int64, device="cuda"),
+            torch.full((b, s), float("nan"), device="cuda"),
+            torch.full((b,), -1, dtype=torch.int64, device="cuda"))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+@pytest.mark.parametrize("dtype,vocab", [(torch.float32, 131072), (torch.bfloat16, 131072),
+                                         (torch.float16, 1000), (torch.bfloat16, 997)])
+def test_confidence_unmask_matches_policy(lib, dtype, vocab, temperature):
+    g = torch.Generator(device="cuda").manual_seed(vocab)
+    logits = (torch.randn(4, 16, vocab, generator=g, device="cuda") * 4).to(dtype)
+    logits[..., MASK] = 100.0  # the mask token must never be predicted
     block = torch.full((4, 16), MASK, dtype=torch.int64, device="cuda")
     block[:, ::4] = 9
+    seeds = torch.tensor([0, 1, -7, 2**40 + 3], device="cuda")
     for steps_left in (5, 1):
-        nxt, conf, count = lib.confidence_unmask(logits, block, MASK, 0.05, steps_left)
+        nxt, conf, count = lib.confidence_unmask(logits, block, MASK, 0.05, steps_left,
+                                                 temperature, seeds, 17, out=_poisoned(4, 16))
         ref_n, ref_c, ref_count = fused_ops.confidence_unmask(logits.float(), block, MASK, 0.05,
-                                                              steps_left)
+                                                              steps_left, temperature, seeds, 17)
         assert torch.equal(nxt, ref_n) and torch.equal(count, ref_count)
         finite = torch.isfinite(ref_c)
         assert torch.equal(finite, torch.isfinite(conf))
@@ -59,7 +76,14 @@ def test_confidence_unmask_matches_policy(lib, dtype):
 def test_errors_are_reported_by_name(lib):
     logits = torch.randn(1, 4, 64, device="cuda")
     block = torch.full((1, 4), MASK, dtype=torch.int64, device="cuda")
-    with pytest.raises(KernelError, match="unsupported"):
-        lib.confidence_unmask(logits, block, MASK, 0.5, 2, temperature=0.7)
     with pytest.raises(KernelError, match="invalid argument"):
         lib.confidence_unmask(logits, block, MASK, 0.5, 0)
+    with pytest.raises(KernelError, match="one seed per row"):
+        lib.confidence_unmask(logits, block, MASK, 0.5, 2, temperature=0.7)
+    with pytest.raises(KernelError, match="int64"):
+        lib.confidence_unmask(logits, block.int(), MASK, 0.5, 2)
+    q = torch.randn(1, 4, 2, 48, device="cuda", dtype=torch.float16)
+    kv = torch.randn(1, 2, 8, 48, device="cuda", dtype=torch.float16)
+    with pytest.raises(KernelError, match="head size 48"):
+        blk = kv[:, :, :4].contiguous()
+        lib.block_cross_attention(q, kv, kv, torch.tensor([8], device="cuda"), blk, blk)

@@ -1,6 +1,7 @@
 """The compiled plugin library (``build_scripts/build_plugins.sh``) called through ctypes with
 torch CUDA tensors: the harness of the GPU parity tests and benchmarks, and what the TensorRT
-plugin wrappers call."""
+plugin wrappers call. Arguments are checked here, before a launch, because a wrong pointer or
+shape in a CUDA kernel corrupts memory instead of raising."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import torch
 from .manifest import DEFAULT_PLUGIN_LIBRARY, PLUGIN_LIBRARY_ENV
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
+MAX_BLOCK = 1024  # the commit kernel holds one row's block positions in one CTA
 
 
 class KernelError(RuntimeError):
@@ -21,10 +25,49 @@ class KernelError(RuntimeError):
 
 
 def library_path() -> Path:
+    """TWOTOWER_PLUGIN_LIB, else the build script's output path."""
     return Path(os.environ.get(PLUGIN_LIBRARY_ENV, DEFAULT_PLUGIN_LIBRARY))
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and result types of the C ABI (plugins/twotower_plugins.h)."""
+    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    lib.tt_error_string.restype = ctypes.c_char_p
+    lib.tt_error_string.argtypes = [i]
+    lib.tt_block_cross_attention_workspace_bytes.restype = i64
+    lib.tt_block_cross_attention_workspace_bytes.argtypes = [i] * 6
+    lib.tt_block_cross_attention.restype = i
+    lib.tt_block_cross_attention.argtypes = [p] * 8 + [i64] + [i] * 7 + [p]
+    lib.tt_confidence_unmask_workspace_bytes.restype = i64
+    lib.tt_confidence_unmask_workspace_bytes.argtypes = [i, i, i]
+    lib.tt_confidence_unmask.restype = i
+    lib.tt_confidence_unmask.argtypes = [p] * 7 + [i64, i, i, i, i64, f, i64, f, i64, i, p]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise KernelError(message)
+
+
+def _check_tensors(device: torch.device, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        _require(t.is_cuda, f"{name} must be a CUDA tensor, got one on {t.device}")
+        _require(t.device == device, f"{name} is on {t.device}, the others on {device}")
+        _require(t.is_contiguous(), f"{name} must be contiguous")
+
+
+def _shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
+    _require(tuple(t.shape) == expected, f"{name} must have shape {list(expected)}, got "
+                                         f"{list(t.shape)}")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 class KernelLibrary:
+    """Typed wrappers of the two launchers; each returns fresh outputs unless given some."""
+
     def __init__(self, path: Optional[Path] = None) -> None:
         path = Path(path or library_path())
         if not path.is_file():
@@ -32,60 +75,82 @@ class KernelLibrary:
                               f"or set {PLUGIN_LIBRARY_ENV}")
         self.path = path
         self.lib = ctypes.CDLL(str(path))
-        p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-        self.lib.tt_error_string.restype = ctypes.c_char_p
-        self.lib.tt_block_cross_attention_workspace_bytes.restype = i64
-        self.lib.tt_block_cross_attention_workspace_bytes.argtypes = [i, i, i, i, i, i]
-        self.lib.tt_block_cross_attention.restype = i
-        self.lib.tt_block_cross_attention.argtypes = [p] * 8 + [i64] + [i] * 7 + [p]
-        self.lib.tt_confidence_unmask_workspace_bytes.restype = i64
-        self.lib.tt_confidence_unmask_workspace_bytes.argtypes = [i, i]
-        self.lib.tt_confidence_unmask.restype = i
-        self.lib.tt_confidence_unmask.argtypes = ([p] * 6 + [i64, i, i, i, i64, f, i64, f, i, p])
+        _declare(self.lib)
 
     def _check(self, code: int, what: str) -> None:
         if code != 0:
             raise KernelError(f"{what}: {self.lib.tt_error_string(code).decode()} (code {code})")
 
-    @staticmethod
-    def _cuda(*tensors: torch.Tensor) -> None:
-        for t in tensors:
-            if not t.is_cuda or not t.is_contiguous():
-                raise KernelError("kernel arguments must be contiguous CUDA tensors")
-
     def block_cross_attention(self, q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor,
                               ctx_len: torch.Tensor, blk_k: torch.Tensor, blk_v: torch.Tensor,
                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Same contract as ``trt_twotower.fused_ops.block_cross_attention``."""
-        self._cuda(q, ctx_k, ctx_v, ctx_len, blk_k, blk_v)
+        """Same contract as ``trt_twotower.fused_ops.block_cross_attention``; ctx_len int64."""
+        _require(q.dim() == 4 and ctx_k.dim() == 4, "q must be [B,S,Hq,D], ctx_k [B,Hkv,L,D]")
         b, s, hq, d = q.shape
         hkv, lmax = ctx_k.shape[1], ctx_k.shape[2]
-        if ctx_len.dtype != torch.int64 or blk_k.shape != (b, hkv, s, d):
-            raise KernelError("ctx_len must be int64 and blk_k [B, Hkv, S, D]")
         out = torch.empty_like(q) if out is None else out
+        _check_tensors(q.device, q=q, ctx_k=ctx_k, ctx_v=ctx_v, ctx_len=ctx_len, blk_k=blk_k,
+                       blk_v=blk_v, out=out)
+        _require(q.dtype in ATTENTION_DTYPES, f"q must be float16 or bfloat16, got {q.dtype}")
+        for name, t in (("ctx_k", ctx_k), ("ctx_v", ctx_v), ("blk_k", blk_k), ("blk_v", blk_v),
+                        ("out", out)):
+            _require(t.dtype == q.dtype, f"{name} is {t.dtype}, q is {q.dtype}")
+        _require(ctx_len.dtype == torch.int64, f"ctx_len must be int64, got {ctx_len.dtype}")
+        _require(d in ATTENTION_HEAD_DIMS, f"head size {d} is not one of {ATTENTION_HEAD_DIMS}")
+        _require(hq % hkv == 0, f"{hq} query heads are not a multiple of {hkv} kv heads")
+        _shape("ctx_v", ctx_v, (b, hkv, lmax, d))
+        _shape("ctx_k", ctx_k, (b, hkv, lmax, d))
+        _shape("ctx_len", ctx_len, (b,))
+        _shape("blk_k", blk_k, (b, hkv, s, d))
+        _shape("blk_v", blk_v, (b, hkv, s, d))
+        _shape("out", out, (b, s, hq, d))
         size = self.lib.tt_block_cross_attention_workspace_bytes(b, s, hq, hkv, d, lmax)
         workspace = torch.empty(size, dtype=torch.uint8, device=q.device)
         self._check(self.lib.tt_block_cross_attention(
             q.data_ptr(), ctx_k.data_ptr(), ctx_v.data_ptr(), ctx_len.data_ptr(),
             blk_k.data_ptr(), blk_v.data_ptr(), out.data_ptr(), workspace.data_ptr(), size,
-            b, s, hq, hkv, d, lmax, DTYPE_CODES[q.dtype],
-            torch.cuda.current_stream(q.device).cuda_stream), "block_cross_attention")
+            b, s, hq, hkv, d, lmax, DTYPE_CODES[q.dtype], _stream(q.device)),
+            "block_cross_attention")
         return out
 
     def confidence_unmask(self, logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                          threshold: float, steps_left: int, temperature: float = 0.0
+                          threshold: float, steps_left: int, temperature: float = 0.0,
+                          seeds: Optional[torch.Tensor] = None, step_key: int = 0,
+                          out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Same contract as ``trt_twotower.fused_ops.confidence_unmask`` (greedy)."""
-        self._cuda(logits, block)
+        """Same contract as ``trt_twotower.fused_ops.confidence_unmask``; block ids int64.
+        ``out``: (next block, confidence, masked count) to write into."""
+        _require(logits.dim() == 3, f"logits must be [B,S,V], got {list(logits.shape)}")
         b, s, v = logits.shape
-        next_block = torch.empty_like(block)
-        confidence = torch.empty(b, s, dtype=torch.float32, device=logits.device)
-        count = torch.empty(b, dtype=torch.int64, device=logits.device)
-        size = self.lib.tt_confidence_unmask_workspace_bytes(b, s)
-        workspace = torch.empty(size, dtype=torch.uint8, device=logits.device)
+        _check_tensors(logits.device, logits=logits, block=block)
+        _require(logits.dtype in DTYPE_CODES, f"logits must be float32/16 or bfloat16, got "
+                                              f"{logits.dtype}")
+        _require(block.dtype == torch.int64, f"block must be int64, got {block.dtype}")
+        _shape("block", block, (b, s))
+        _require(s <= MAX_BLOCK, f"block size {s} exceeds {MAX_BLOCK}")
+        seeds_ptr = None
+        if temperature > 0.0:
+            _require(seeds is not None, "sampling with temperature > 0 needs one seed per row")
+            _check_tensors(logits.device, seeds=seeds)
+            _require(seeds.dtype == torch.int64, f"seeds must be int64, got {seeds.dtype}")
+            _shape("seeds", seeds, (b,))
+            seeds_ptr = seeds.data_ptr()
+        if out is None:
+            out = (torch.empty_like(block),
+                   torch.empty(b, s, dtype=torch.float32, device=logits.device),
+                   torch.empty(b, dtype=torch.int64, device=logits.device))
+        next_block, confidence, count = out
+        _check_tensors(logits.device, next_block=next_block, confidence=confidence, count=count)
+        for name, t, dtype, shape in (("next_block", next_block, torch.int64, (b, s)),
+                                      ("confidence", confidence, torch.float32, (b, s)),
+                                      ("masked_count", count, torch.int64, (b,))):
+            _require(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
+            _shape(name, t, shape)
+        size = self.lib.tt_confidence_unmask_workspace_bytes(b, s, v)
+        workspace = torch.empty(max(size, 0), dtype=torch.uint8, device=logits.device)
         self._check(self.lib.tt_confidence_unmask(
             logits.data_ptr(), block.data_ptr(), next_block.data_ptr(), confidence.data_ptr(),
-            count.data_ptr(), workspace.data_ptr(), size, b, s, v, mask_token_id, threshold,
-            steps_left, temperature, DTYPE_CODES[logits.dtype],
-            torch.cuda.current_stream(logits.device).cuda_stream), "confidence_unmask")
+            count.data_ptr(), seeds_ptr, workspace.data_ptr(), size, b, s, v, mask_token_id,
+            threshold, steps_left, temperature, step_key, DTYPE_CODES[logits.dtype],
+            _stream(logits.device)), "confidence_unmask")
         return next_block, confidence, count

@@ -125,7 +125,8 @@ def _plugin_classes(trt: ModuleType) -> dict[str, tuple[type, type]]:
         def supports_format_combination(self, pos: int, desc: list[Any], num_inputs: int
                                         ) -> bool:
             d = desc[pos].desc
-            wanted = {0: (trt.float32, trt.bfloat16), 1: (trt.int64,), 2: (trt.float32,),
+            wanted = {0: (trt.float32, trt.float16, trt.bfloat16), 1: (trt.int64,),
+                      2: (trt.float32,),
                       3: (trt.int64,), 4: (trt.int64,), 5: (trt.float32,), 6: (trt.int64,)}
             return d.format == trt.TensorFormat.LINEAR and d.type in wanted[pos]
 
@@ -135,14 +136,15 @@ def _plugin_classes(trt: ModuleType) -> dict[str, tuple[type, type]]:
             b, s, v = input_desc[0].dims
             torch.cuda.ExternalStream(stream).synchronize()
             lib = self._library()
-            size = lib.tt_confidence_unmask_workspace_bytes(b, s)
+            size = lib.tt_confidence_unmask_workspace_bytes(b, s, v)
             scratch = torch.empty(size, dtype=torch.uint8, device="cuda")
-            dtype = 0 if input_desc[0].type == trt.float32 else 2
+            dtypes = {trt.float32: 0, trt.float16: 1, trt.bfloat16: 2}
             host = _read_scalars(inputs[2], inputs[3])
+            # The ONNX node is the greedy step (no temperature, no seeds): temperature 0.
             code = lib.tt_confidence_unmask(inputs[0], inputs[1], outputs[0], outputs[1],
-                                            outputs[2], scratch.data_ptr(), size, b, s, v,
+                                            outputs[2], None, scratch.data_ptr(), size, b, s, v,
                                             self.fields["mask_token_id"], host[0], int(host[1]),
-                                            0.0, dtype, stream)
+                                            0.0, 0, dtypes[input_desc[0].type], stream)
             if code:
                 raise RuntimeError(f"{UNMASK}: {lib.tt_error_string(code).decode()}")
 
