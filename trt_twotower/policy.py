@@ -232,3 +232,18 @@ def sample_tokens(
         logits = logits.masked_fill(drop, -math.inf)
     noise = gumbel_noise(_row_seeds(seeds, logits), step_key, (logits.shape[-1],))
     return (torch.log_softmax(logits, -1) + noise).argmax(-1)
+
+
+# --- what a request keeps of the tokens it is given ----------------------------------------
+
+def accept_tokens(produced: int, ids: list[int], settings: GenerationSettings, eos_token_id: int
+                  ) -> tuple[list[int], bool]:
+    """Of ``ids`` just committed for a request that already has ``produced`` tokens: the ones
+    it keeps (within its budget, through its first EOS when it stops there) and whether it is
+    now finished."""
+    ids = ids[:max(0, settings.max_new_tokens - produced)]
+    done = False
+    if settings.stop_at_eos and eos_token_id in ids:
+        ids = ids[:ids.index(eos_token_id) + 1]
+        done = True
+    return ids, done or produced + len(ids) >= settings.max_new_tokens

@@ -87,14 +87,8 @@ class _Batch:
         request done on EOS, on reaching its token budget or on cancellation."""
         r = self.rows[position]
         request, result = self.requests[r], self.results[r]
-        room = request.settings.max_new_tokens - len(result.tokens)
-        ids = ids[:room]
-        if request.settings.stop_at_eos and eos in ids:
-            ids = ids[: ids.index(eos) + 1]
-            self.done[r] = True
+        ids, self.done[r] = policy.accept_tokens(len(result.tokens), ids, request.settings, eos)
         result.tokens.extend(ids)
-        if len(result.tokens) >= request.settings.max_new_tokens:
-            self.done[r] = True
         if request.on_delta is not None and ids and request.on_delta(ids) is False:
             result.cancelled = self.done[r] = True
 
@@ -109,6 +103,25 @@ class _Batch:
                 index = torch.tensor(keep, dtype=torch.long, device=self.mirror.device)
                 self.snapshot = {n: t.index_select(0, index) for n, t in self.snapshot.items()}
         return keep
+
+
+def denoise_and_commit(denoiser: DenoiserExecutor, block: torch.Tensor, t: torch.Tensor,
+                       cache: StepCache, s: GenerationSettings, seeds: torch.Tensor,
+                       step_key: int, mask_token_id: int, fused_unmask: bool) -> torch.Tensor:
+    """One diffusion step wherever the denoiser runs (this session, a Triton tower model): the
+    next block ids, by the fused unmask op when the executor has it and the step is greedy,
+    otherwise logits then the policy. Step ``step_key`` of a block of ``steps_per_block``."""
+    steps_left = s.steps_per_block - step_key % s.steps_per_block
+    if fused_unmask and s.temperature <= 0.0 and s.forced_commits is None:
+        nxt, _, _ = denoiser.denoiser_unmask_step(block, t, cache, s.confidence_threshold,
+                                                  steps_left)
+        return nxt.to(block.device)
+    logits = denoiser.denoiser_step(block, t, cache)
+    pred, conf = policy.diffusion_predictions(logits, mask_token_id, s.temperature, seeds,
+                                              step_key)
+    nxt, _ = policy.commit_step(block, pred, conf, mask_token_id, s.confidence_threshold,
+                                steps_left, s.forced_commits)
+    return nxt
 
 
 class TwoTowerSession:
@@ -231,17 +244,8 @@ class TwoTowerSession:
 
     def _denoise(self, batch: _Batch, block: torch.Tensor, t: torch.Tensor,
                  s: GenerationSettings, step_key: int) -> torch.Tensor:
-        steps_left = s.steps_per_block - step_key % s.steps_per_block
-        if self.fused_unmask and s.temperature <= 0.0 and s.forced_commits is None:
-            nxt, _, _ = self.denoiser.denoiser_unmask_step(block, t, batch.mirror,
-                                                           s.confidence_threshold, steps_left)
-            return nxt.to(block.device)
-        logits = self.denoiser.denoiser_step(block, t, batch.mirror)
-        pred, conf = policy.diffusion_predictions(logits, self.config.mask_token_id,
-                                                  s.temperature, batch.seeds(), step_key)
-        nxt, _ = policy.commit_step(block, pred, conf, self.config.mask_token_id,
-                                    s.confidence_threshold, steps_left, s.forced_commits)
-        return nxt
+        return denoise_and_commit(self.denoiser, block, t, batch.mirror, s, batch.seeds(),
+                                  step_key, self.config.mask_token_id, self.fused_unmask)
 
     def _sample(self, batch: _Batch, logits: torch.Tensor, step_key: int) -> torch.Tensor:
         s = batch.requests[0].settings
