@@ -132,3 +132,17 @@ def test_each_group_lands_on_its_device(checkpoint):
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         want = "cpu" if name.startswith(TOWER_GROUPS["context"]) else "cuda"
         assert tensor.device.type == want, name
+
+
+@pytest.mark.parametrize("tower", ["context", "denoiser"])
+def test_one_tower_loads_alone_and_the_other_takes_no_memory(checkpoint, tower):
+    full = load_model(checkpoint)
+    alone = load_model(checkpoint, towers=(tower,))
+    mine = TOWER_GROUPS[tower]
+    for name, tensor in alone.state_dict().items():
+        if name.startswith(mine):
+            assert torch.equal(tensor, full.state_dict()[name]), name
+        else:
+            assert tensor.is_meta, name
+    with pytest.raises(ValueError, match="towers must be drawn from"):
+        load_model(checkpoint, towers=("decoder",))

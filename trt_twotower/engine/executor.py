@@ -155,10 +155,13 @@ class TrtDenoiserExecutor:
         return (out["next_block"].cpu(), out["confidence"].cpu(), out["masked_count"].cpu())
 
 
-def open_engines(build_dir: Path, context_device: str, denoiser_device: str) -> Any:
+def open_engines(build_dir: Path, context_device: str, denoiser_device: str,
+                 towers: tuple[str, ...] = ("context", "denoiser")) -> Any:
     """Validate the manifest against this host's TensorRT, then load the context engine on
     ``context_device`` and the denoiser's on ``denoiser_device`` (the manifest's devices are
-    the build's intent; the caller decides where they run)."""
+    the build's intent; the caller decides where they run). A tower left out of ``towers``
+    loads no engine (a Triton tower model holds one tower on its own GPU); its executor is
+    None."""
     from ..runtime.backends import OpenBackend
     from ..tokenizer import load_tokenizer
 
@@ -187,13 +190,15 @@ def open_engines(build_dir: Path, context_device: str, denoiser_device: str) -> 
     devices = {names.CONTEXT_STEP: torch.device(context_device)}
     loaded = {}
     for graph, record in manifest["engines"].items():
+        if ("context" if graph == names.CONTEXT_STEP else "denoiser") not in towers:
+            continue
         device = devices.get(graph, torch.device(denoiser_device))
         loaded[graph] = _Engine(flavor.module, Path(build_dir) / record["file"], device,
                                 record["profiles"])
     build = manifest["build"]
-    context = TrtContextExecutor(loaded[names.CONTEXT_STEP], config, build["block_size"],
-                                 build["max_prefill"])
-    denoiser = TrtDenoiserExecutor(loaded)
+    context = (TrtContextExecutor(loaded[names.CONTEXT_STEP], config, build["block_size"],
+                                  build["max_prefill"]) if "context" in towers else None)
+    denoiser = TrtDenoiserExecutor(loaded) if "denoiser" in towers else None
     return OpenBackend("tensorrt", context, denoiser, config, load_tokenizer(build_dir),
                        manifest["max_context"], TORCH_DTYPES[manifest["dtype"]],
                        fused_unmask=names.DENOISER_UNMASK_STEP in loaded)

@@ -36,21 +36,30 @@ def expected_shapes(config: TwoTowerConfig, towers: Sequence[str] = ("context", 
 
 def load_model(directory: str | Path, dtype: Optional[torch.dtype] = None,
                context_device: str | torch.device = "cpu",
-               denoiser_device: Optional[str | torch.device] = None) -> TwoTowerModel:
+               denoiser_device: Optional[str | torch.device] = None,
+               towers: Sequence[str] = ("context", "denoiser")) -> TwoTowerModel:
+    """Load the checkpoint one tower group at a time onto its device. A Triton tower model asks
+    for its own tower only; the other group's parameters then stay on ``meta`` (no memory)."""
+    unknown = set(towers) - set(TOWER_GROUPS)
+    if unknown or not towers:
+        raise ValueError(f"towers must be drawn from {', '.join(TOWER_GROUPS)}, got {towers!r}")
     reader = CheckpointReader(directory)
     config = reader.config
     dtype = dtype or DTYPES.get(config.torch_dtype, torch.float32)
     with torch.device("meta"):
         model = TwoTowerModel(config)
     devices = {"context": context_device, "denoiser": denoiser_device or context_device}
-    for group, prefixes in TOWER_GROUPS.items():
+    for group in towers:
+        prefixes = TOWER_GROUPS[group]
         tensors = reader.read_tower(prefixes, expected_shapes(config, [group]))
         placed = {name: t.to(device=devices[group],
                              dtype=torch.float32 if name.endswith(FP32_PARAMETERS) else dtype)
                   for name, t in tensors.items()}
         model.load_state_dict(placed, strict=False, assign=True)
         del tensors, placed
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    wanted = tuple(p for group in towers for p in TOWER_GROUPS[group])
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+            if t.is_meta and n.startswith(wanted)]
     if left:
         raise CheckpointError(f"{directory}: no weights for {', '.join(left[:5])}")
     return model.eval().requires_grad_(False)

@@ -50,8 +50,10 @@ def random_model(config: TwoTowerConfig, dtype: torch.dtype = torch.float32,
 
 def open_source(checkpoint: Optional[Path] = None, preset_name: Optional[str] = None,
                 dtype: Optional[str] = None, context_device: str = "cpu",
-                denoiser_device: Optional[str] = None) -> ModelSource:
-    """Resolve --checkpoint / --preset / the built-in default into a ready model."""
+                denoiser_device: Optional[str] = None,
+                towers: tuple[str, ...] = ("context", "denoiser")) -> ModelSource:
+    """Resolve --checkpoint / --preset / the built-in default into a ready model (of a
+    checkpoint, only the ``towers`` asked for are loaded)."""
     if checkpoint is not None and preset_name is not None:
         raise ValueError("give either a checkpoint directory or a preset, not both")
     torch_dtype = DTYPES[dtype] if dtype else None
@@ -63,6 +65,7 @@ def open_source(checkpoint: Optional[Path] = None, preset_name: Optional[str] = 
         model = random_model(preset(preset_name), torch_dtype or torch.float32, context_device)
         return ModelSource(model, builtin_tokenizer(), f"preset:{preset_name}")
     model = load_model(checkpoint, dtype=torch_dtype, context_device=context_device,
-                       denoiser_device=denoiser_device).eval().requires_grad_(False)
+                       denoiser_device=denoiser_device, towers=towers
+                       ).eval().requires_grad_(False)
     tokenizer = load_tokenizer(checkpoint)
     return ModelSource(model, tokenizer, str(checkpoint), Path(checkpoint))

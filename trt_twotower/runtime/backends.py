@@ -55,10 +55,12 @@ def open_onnxruntime(build_dir: Path) -> OpenBackend:
                        fused_unmask=True)
 
 
-def open_tensorrt(build_dir: Path, context_device: str, denoiser_device: str) -> OpenBackend:
-    """TensorRT engines from ``trt-twotower build``; needs a CUDA GPU and TensorRT."""
+def open_tensorrt(build_dir: Path, context_device: str, denoiser_device: str,
+                  towers: tuple[str, ...] = ("context", "denoiser")) -> OpenBackend:
+    """TensorRT engines from ``trt-twotower build``; needs a CUDA GPU and TensorRT. Only the
+    engines of ``towers`` are loaded."""
     if not torch.cuda.is_available():
         raise BackendUnavailable("the tensorrt backend needs a CUDA GPU and TensorRT "
                                  "(`pip install tensorrt`); this machine has no GPU")
     from ..engine.executor import open_engines
-    return open_engines(build_dir, context_device, denoiser_device)
+    return open_engines(build_dir, context_device, denoiser_device, towers)
