@@ -15,31 +15,34 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("pytriton") is None
                                 or importlib.util.find_spec("tritonclient") is None,
                                 reason="needs nvidia-pytriton (tritonserver) and tritonclient")
 MAX_CONTEXT = 512
+CAPACITY = 8  # fewer slots than the 16 concurrent clients below: the rest must wait
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from trt_twotower.serve.repository import render
+    from trt_twotower.serve.repository import render, repository_values
     from trt_twotower.serve.server import TritonServer
 
     work = tmp_path_factory.mktemp("triton")
-    repo = render(work / "repo", {"SOURCE": "builtin", "BACKEND": "torch", "DEVICE": "cpu",
-                                  "MAX_CONTEXT": str(MAX_CONTEXT), "MAX_TOKENS": "128",
-                                  "BLOCK_SIZES": "8,16", "INSTANCE_KIND": "KIND_CPU",
-                                  "TOKENIZER_DIR": str(BUILTIN_CHECKPOINT)})
+    repo = render(work / "repo", repository_values(
+        "builtin", "torch", BUILTIN_CHECKPOINT, "cpu", "cpu", MAX_CONTEXT, 128, "8,16",
+        capacity=CAPACITY))
     process = TritonServer(repo, work).start(timeout=150)
     yield process
     assert process.stop() == 0  # the server shuts down cleanly
 
 
 @pytest.fixture(scope="module")
-def local():
-    source = open_source(None, None)
-    opened = open_torch(source, MAX_CONTEXT)
+def opened():
+    return open_torch(open_source(None, None), MAX_CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def local(opened):
     session = TwoTowerSession(opened.context, opened.denoiser, opened.config, MAX_CONTEXT)
 
     def run(prompt, settings):
-        return session.generate([Request(source.tokenizer.encode(prompt), settings)])[0].tokens
+        return session.generate([Request(opened.tokenizer.encode(prompt), settings)])[0].tokens
     return run
 
 
@@ -124,11 +127,19 @@ def test_missing_input_and_wrong_dtype_are_refused(server):
     assert client.is_server_ready()
 
 
-def test_a_cancelled_stream_stops_and_the_next_request_is_unaffected(server, local):
-    from trt_twotower.serve.client import generate, stream_generate
+def test_a_cancelled_stream_stops_frees_its_caches_and_the_next_request_is_unaffected(
+        server, local):
+    from trt_twotower.serve.client import generate, stream_generate, tower_stats
     s = GenerationSettings(max_new_tokens=64, block_size=8, steps_per_block=8)
+    before = tower_stats(server.grpc_url)
     got = list(stream_generate(server.grpc_url, PROMPTS[2], s, cancel_after_blocks=1))
     assert len(got) == 1
+    after_cancel = _settled_stats(server.grpc_url)
+    for tower in ("context_tower", "denoiser_tower"):
+        assert after_cancel[tower]["live_sequences"] == 0
+        assert after_cancel[tower]["cache_bytes"] == 0
+        assert after_cancel[tower]["opened"] == before[tower]["opened"] + 1
+        assert after_cancel[tower]["released"] == before[tower]["released"] + 1
     after = generate(server.grpc_url, PROMPTS[2], GenerationSettings(max_new_tokens=16,
                                                                      block_size=8), False)
     assert after.ids == local(PROMPTS[2], GenerationSettings(max_new_tokens=16, block_size=8))
@@ -144,8 +155,68 @@ def test_dead_server_is_a_clear_error():
 
 
 def test_unfilled_template_values_fail_loudly(tmp_path):
-    from trt_twotower.serve.repository import RepositoryError, render
-    values = {"BACKEND": "torch", "DEVICE": "cpu", "MAX_CONTEXT": "64", "MAX_TOKENS": "8",
-              "BLOCK_SIZES": "8", "INSTANCE_KIND": "KIND_CPU", "TOKENIZER_DIR": "/x"}
-    with pytest.raises(RepositoryError, match="twotower_bls/config.pbtxt: no value for SOURCE"):
+    from trt_twotower.serve.repository import RepositoryError, render, repository_values
+    values = repository_values("builtin", "torch", BUILTIN_CHECKPOINT, "cpu", "cpu", 64, 8, "8")
+    del values["SOURCE"]
+    with pytest.raises(RepositoryError, match="context_tower/config.pbtxt: no value for SOURCE"):
         render(tmp_path / "repo", values)
+    with pytest.raises(RepositoryError, match="neither cpu nor cuda:N"):
+        repository_values("builtin", "torch", BUILTIN_CHECKPOINT, "gpu1", "cpu", 64, 8, "8")
+
+
+def _settled_stats(url, timeout=30.0):
+    """Tower stats once no sequence is live (a cancelled request ends on the server shortly
+    after the client has gone)."""
+    import time
+
+    from trt_twotower.serve.client import tower_stats
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = tower_stats(url)
+        if all(s["live_sequences"] == 0 for s in stats.values()) or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.2)
+
+
+def test_the_towers_hold_no_cache_once_requests_end_and_report_the_boundary_bytes(server):
+    from trt_twotower.serve.client import generate, tower_stats
+    out = generate(server.grpc_url, PROMPTS[0], GenerationSettings(
+        max_new_tokens=16, block_size=8, steps_per_block=8), stream=False)
+    stats = tower_stats(server.grpc_url)
+    assert all(s["live_sequences"] == 0 and s["opened"] == s["released"]
+               for s in stats.values())
+    # ids, settings and two cache deltas (prompt, first block) crossed; never the logits
+    assert out.stats["boundary_bytes"] > 2 * out.stats["handoff_bytes"] > 0
+    assert out.stats["boundary_bytes"] < 3 * out.stats["handoff_bytes"] + 64 * 1024
+
+
+def test_a_tower_model_refuses_unknown_ops_and_incomplete_requests(server):
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    op = grpcclient.InferInput("op", [1], "BYTES")
+    op.set_data_from_numpy(np.array([b"rewind"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="unknown op 'rewind'"):
+        client.infer("context_tower", [op])
+    op.set_data_from_numpy(np.array([b"extend"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="needs the input sequence_id"):
+        client.infer("context_tower", [op])
+    assert client.is_server_ready()
+
+
+def test_the_serve_benchmark_compares_equal_work_and_measures_the_boundary(server, opened):
+    from trt_twotower.serve.benchmark import compare, format_rows
+    s = GenerationSettings(max_new_tokens=8, block_size=8, steps_per_block=8)
+    prompts = [opened.tokenizer.encode(p) for p in PROMPTS]
+    rows = compare(opened, server.grpc_url, prompts, opened.tokenizer.decode,
+                   opened.tokenizer.encode, [1, 3], s, repeats=1, progress=False)
+    assert [(r.path, r.clients) for r in rows] == [
+        ("in-process", 1), ("triton", 1), ("in-process", 3), ("triton", 3)]
+    assert rows[0].tokens == rows[1].tokens > 0 and rows[2].tokens == rows[3].tokens > 0
+    for served in rows[1::2]:
+        assert served.ratio_tokens_per_second > 0 and served.ratio_first_block > 0
+        assert served.per_token(served.tower_bytes) > served.per_token(served.client_bytes) > 0
+    assert "tower bytes/token" in format_rows(rows).splitlines()[0]
+    assert format_rows(rows, markdown=True).splitlines()[1].startswith("|---|---:")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import queue
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
@@ -27,35 +27,50 @@ class Completion:
     texts: list[str] = field(default_factory=list)
 
 
+def _arrays(prompt: str, settings: GenerationSettings, stream: bool
+            ) -> list[tuple[str, np.ndarray, str]]:
+    """Each input as (name, one-element array, Triton dtype)."""
+    def entry(name: str, value, dtype: str):
+        kind = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64,
+                "FP32": np.float32, "BOOL": np.bool_}[dtype]
+        return name, np.array([value], dtype=kind), dtype
+
+    return [entry("text_input", prompt.encode("utf-8"), "BYTES"),
+            entry("max_tokens", settings.max_new_tokens, "INT32"),
+            entry("stream", stream, "BOOL"),
+            entry("temperature", settings.temperature, "FP32"),
+            entry("top_k", settings.top_k or 0, "INT32"),
+            entry("top_p", settings.top_p or 1.0, "FP32"),
+            entry("mode", settings.mode.encode(), "BYTES"),
+            entry("block_size", settings.block_size, "INT32"),
+            entry("steps_per_block", settings.steps_per_block, "INT32"),
+            entry("confidence_threshold", settings.confidence_threshold, "FP32"),
+            entry("seed", settings.seed, "INT64")]
+
+
 def _inputs(prompt: str, settings: GenerationSettings, stream: bool) -> list:
     import tritonclient.grpc as grpcclient
 
-    def tensor(name: str, value, dtype: str):
-        array = np.array([value], dtype=np.object_ if dtype == "BYTES" else None)
-        if dtype != "BYTES":
-            array = array.astype({"INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
-                                  "BOOL": np.bool_}[dtype])
-        t = grpcclient.InferInput(name, [1], dtype)
-        t.set_data_from_numpy(array)
-        return t
+    inputs = []
+    for name, array, dtype in _arrays(prompt, settings, stream):
+        tensor = grpcclient.InferInput(name, [1], dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
-    return [tensor("text_input", prompt.encode("utf-8"), "BYTES"),
-            tensor("max_tokens", settings.max_new_tokens, "INT32"),
-            tensor("stream", stream, "BOOL"),
-            tensor("temperature", settings.temperature, "FP32"),
-            tensor("top_k", settings.top_k or 0, "INT32"),
-            tensor("top_p", settings.top_p or 1.0, "FP32"),
-            tensor("mode", settings.mode.encode(), "BYTES"),
-            tensor("block_size", settings.block_size, "INT32"),
-            tensor("steps_per_block", settings.steps_per_block, "INT32"),
-            tensor("confidence_threshold", settings.confidence_threshold, "FP32"),
-            tensor("seed", settings.seed, "INT64")]
+
+def request_bytes(prompt: str, settings: GenerationSettings) -> int:
+    """The payload a request sends: its tensors' data, without gRPC framing."""
+    return sum(len(a[0]) if a.dtype == np.object_ else a.nbytes
+               for _, a, _ in _arrays(prompt, settings, True))
 
 
 def stream_generate(url: str, prompt: str, settings: GenerationSettings, stream: bool = True,
                     timeout: float = 120.0, model: str = "ensemble",
-                    cancel_after_blocks: Optional[int] = None) -> Iterator[tuple]:
-    """Yields (ids, text, stats) per response; stops after the final response."""
+                    cancel_after_blocks: Optional[int] = None,
+                    before_send: Optional[Callable[[], None]] = None) -> Iterator[tuple]:
+    """Yields (ids, text, stats) per response; stops after the final response.
+    ``before_send`` runs once the stream is open, just before the request goes out."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -63,6 +78,8 @@ def stream_generate(url: str, prompt: str, settings: GenerationSettings, stream:
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        if before_send is not None:
+            before_send()
         client.async_stream_infer(model, _inputs(prompt, settings, stream),
                                   enable_empty_final_response=True)
         seen = 0
@@ -113,3 +130,24 @@ def generate(url: str, prompt: str, settings: GenerationSettings, stream: bool =
             out.stats = stats
     out.text = "".join(out.texts)
     return out
+
+
+TOWER_MODELS = ("context_tower", "denoiser_tower")
+
+
+def tower_stats(url: str, timeout: float = 30.0) -> dict[str, dict]:
+    """Each tower model's sequences: live, opened, released, cache bytes held."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        op = grpcclient.InferInput("op", [1], "BYTES")
+        op.set_data_from_numpy(np.array([b"stats"], dtype=np.object_))
+        return {model: json.loads(client.infer(model, [op], client_timeout=timeout)
+                                  .as_numpy("stats")[0])
+                for model in TOWER_MODELS}
+    except InferenceServerException as err:
+        raise ClientError(f"cannot read tower stats from {url}: {err}") from err
+    finally:
+        client.close()

@@ -5,14 +5,16 @@ Templates use ``${NAME}`` placeholders; rendering fails loudly on any value left
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import string
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "triton_repo"
-MODELS = ("preprocessing", "twotower_bls", "postprocessing", "ensemble")
+MODELS = ("preprocessing", "context_tower", "denoiser_tower", "twotower_bls", "postprocessing",
+          "ensemble")
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
@@ -39,3 +41,44 @@ def render(out_dir: Path, values: Mapping[str, str], templates: Path = TEMPLATES
         # Every model needs a version folder; the ensemble's holds no files (git keeps none).
         (out_dir / model / "1").mkdir(exist_ok=True)
     return out_dir
+
+
+def placement(device: str) -> str:
+    """An ``instance_group`` placement for a torch device string: ``cpu`` or ``cuda:N``."""
+    if device == "cpu":
+        return "kind: KIND_CPU"
+    if re.fullmatch(r"cuda:\d+", device):
+        return f"kind: KIND_GPU gpus: [ {device.split(':')[1]} ]"
+    raise RepositoryError(f"device {device!r} is neither cpu nor cuda:N")
+
+
+def repository_values(source: str, backend: str, tokenizer_dir: Path, context_device: str,
+                      denoiser_device: str, max_context: int, max_tokens: int,
+                      block_sizes: str, capacity: int = 64, bls_instances: int = 1,
+                      dtype: str = "auto", cpu_threads: Optional[int] = None
+                      ) -> dict[str, str]:
+    """Every template value of the repository, from the serve options. ``capacity`` is the
+    towers' sequence slots, shared by the orchestrator's instances. ``cpu_threads``: PyTorch
+    threads per tower process (0 = PyTorch's default); by default two towers on the CPU split
+    its cores, since two processes each using every core slow each other down."""
+    if bls_instances < 1 or capacity < bls_instances:
+        raise RepositoryError(f"need at least one orchestrator instance and a capacity of at "
+                              f"least one request per instance (got capacity {capacity} for "
+                              f"{bls_instances} instances)")
+    return {"SOURCE": source, "BACKEND": backend,
+            "TOKENIZER_DIR": str(Path(tokenizer_dir).resolve()),
+            "CONTEXT_PLACEMENT": placement(context_device),
+            "DENOISER_PLACEMENT": placement(denoiser_device),
+            "MAX_CONTEXT": str(max_context), "MAX_TOKENS": str(max_tokens),
+            "BLOCK_SIZES": block_sizes, "CAPACITY": str(capacity),
+            "BLS_INSTANCES": str(bls_instances), "DTYPE": dtype,
+            "CPU_THREADS": str(tower_threads(context_device, denoiser_device, cpu_threads))}
+
+
+def tower_threads(context_device: str, denoiser_device: str, asked: Optional[int]) -> int:
+    if asked is not None:
+        if asked < 0:
+            raise RepositoryError(f"cpu_threads must be 0 or more, got {asked}")
+        return asked
+    on_cpu = [context_device, denoiser_device].count("cpu")
+    return max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu else 0

@@ -1,22 +1,28 @@
-"""What the ``twotower_bls`` Triton model does, kept in the package so it is tested and the
-model file stays thin: validate a request's inputs into ``GenerationSettings`` and run it on a
-``TwoTowerSession`` with streaming and cancellation."""
+"""What the ``twotower_bls`` Triton model checks, kept in the package so it is tested and the
+model file stays thin: a request's inputs validated into ``GenerationSettings`` (each problem
+a clear error for the client), and the stats it answers with."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Optional
-
-import numpy as np
+from typing import Any, Optional
 
 from ..policy import MODES, GenerationError, GenerationSettings
-from ..runtime.session import Request, RequestResult, TwoTowerSession
+from ..runtime.session import RequestResult
 
-DEFAULTS = {"mode": "diffusion", "block_size": 16, "steps_per_block": 16,
-            "confidence_threshold": 0.8, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
-            "seed": 0, "stream": False}
+_SETTINGS = GenerationSettings()
+DEFAULTS = {"mode": _SETTINGS.mode, "block_size": _SETTINGS.block_size,
+            "steps_per_block": _SETTINGS.steps_per_block,
+            "confidence_threshold": _SETTINGS.confidence_threshold,
+            "temperature": _SETTINGS.temperature, "top_k": 0, "top_p": 1.0,
+            "seed": _SETTINGS.seed, "stream": False}
+
+
+def _real(value: Any) -> float:
+    """A float input as the client wrote it: FP32 on the wire turns 0.9 into 0.8999999762,
+    which would decide a confidence comparison differently from an in-process 0.9."""
+    return round(float(value), 6)
 
 
 class RequestError(ValueError):
@@ -56,39 +62,20 @@ def settings_from_inputs(values: dict[str, Any], prompt_length: int, limits: Ser
         return GenerationSettings(
             mode=mode, max_new_tokens=max_tokens, block_size=block,
             steps_per_block=int(v["steps_per_block"]),
-            confidence_threshold=float(v["confidence_threshold"]),
-            temperature=float(v["temperature"]), top_k=int(v["top_k"]) or None,
-            top_p=float(v["top_p"]) if float(v["top_p"]) < 1.0 else None, seed=int(v["seed"]))
+            confidence_threshold=_real(v["confidence_threshold"]),
+            temperature=_real(v["temperature"]), top_k=int(v["top_k"]) or None,
+            top_p=_real(v["top_p"]) if _real(v["top_p"]) < 1.0 else None, seed=int(v["seed"]))
     except GenerationError as err:
         raise RequestError(str(err)) from err
 
 
-def stats_json(result: RequestResult) -> bytes:
+def stats_json(result: RequestResult, boundary_bytes: Optional[int] = None) -> bytes:
+    """The ``stats`` output: what the request cost, including the bytes its tower calls moved
+    across process boundaries when it was served by the tower models."""
     s = result.stats
     return json.dumps({"denoiser_evaluations": s.denoiser_evals,
                        "tokens_per_evaluation": (len(result.tokens) / s.denoiser_evals
                                                  if s.denoiser_evals else None),
                        "context_steps": s.context_steps, "handoff_bytes": s.handoff_bytes,
+                       "boundary_bytes": boundary_bytes,
                        "seconds": round(s.seconds, 4), "cancelled": result.cancelled}).encode()
-
-
-def open_session(source: str, backend: str, device: str, max_context: int) -> TwoTowerSession:
-    """The session a server process hosts: ``builtin``, ``preset:NAME`` or a directory."""
-    from ..reference.sources import open_source
-    from ..runtime import backends
-
-    if backend == "onnxruntime":
-        opened = backends.open_onnxruntime(Path(source))
-    else:
-        model_source = (open_source(None, source.split(":", 1)[1], None, device)
-                        if source.startswith("preset:") else
-                        open_source(None if source == "builtin" else Path(source), None, None,
-                                    device))
-        opened = backends.open_torch(model_source, max_context)
-    return TwoTowerSession(opened.context, opened.denoiser, opened.config, max_context,
-                           opened.dtype, fused_unmask=opened.fused_unmask)
-
-
-def run(session: TwoTowerSession, prompt_ids: np.ndarray, settings: GenerationSettings,
-        on_block: Optional[Callable[[list[int]], Optional[bool]]]) -> RequestResult:
-    return session.generate([Request([int(i) for i in prompt_ids], settings, on_block)])[0]
