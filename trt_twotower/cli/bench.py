@@ -8,6 +8,7 @@ from typing import Optional
 
 import click
 
+from ..policy import GenerationSettings
 from ..runtime.backends import BACKENDS
 from .options import dtype_option, model_source_options
 
@@ -54,19 +55,35 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--device", default="cpu", show_default=True)
 @dtype_option()
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--serve", is_flag=True, help="Instead: Triton (real tritonserver, gRPC "
+              "streaming clients) against the in-process session, per client count; uses the "
+              "first threshold, block size and step count.")
+@click.option("--clients", default="1,4,16,64", show_default=True,
+              help="--serve: numbers of concurrent clients.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True,
               help="Folder for bench.csv and bench.png.")
 def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
                   build_dir: Optional[Path], thresholds: str, block_sizes: str, steps: str,
                   batch_sizes: str, forced_commits: str, max_new_tokens: int,
-                  prompt_length: int, device: str, dtype: str, seed: int, out: Path) -> None:
+                  prompt_length: int, device: str, dtype: str, seed: int, serve: bool,
+                  clients: str, out: Path) -> None:
     """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
     block size, steps per block and batch size; distinct MoE experts per denoiser step
-    (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png."""
+    (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png.
+
+    With --serve: tokens/s and time to first block through Triton over the in-process
+    session, and the bytes crossing process boundaries per token; writes OUT/serve.md."""
     from ..runtime.benchmark import format_rows, plot, sweep, write_csv
     from .generate import open_backend
 
+    if serve:
+        settings = GenerationSettings(
+            max_new_tokens=max_new_tokens, block_size=_ints(block_sizes)[0],
+            steps_per_block=_ints(steps)[0], confidence_threshold=_floats(thresholds)[0],
+            seed=seed)
+        return _serve_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
+                            _ints(clients), prompt_length, settings, seed, out)
     batches = _ints(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -83,3 +100,45 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
     out.mkdir(parents=True, exist_ok=True)
     click.echo(format_rows(rows))
     click.echo(f"\nwrote {write_csv(rows, out / 'bench.csv')} and {plot(rows, out / 'bench.png')}")
+
+
+def _serve_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
+                 build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
+                 prompt_length: int, settings: GenerationSettings, seed: int, out: Path) -> None:
+    from ..serve.benchmark import compare, format_rows
+    from ..serve.repository import render, repository_values
+    from ..serve.server import ServerError, TritonServer
+    from .generate import open_backend
+    from .serve import served_source
+
+    if device != "cpu":
+        raise click.UsageError("--serve compares on the CPU here; serve GPUs with "
+                               "`trt-twotower serve --context-device/--denoiser-device`")
+    out.mkdir(parents=True, exist_ok=True)
+    max_context = prompt_length * 2 + settings.max_new_tokens + 64  # room for re-tokenizing
+    with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
+        if backend == "onnxruntime" and build_dir is None:
+            raise click.UsageError("--serve with onnxruntime needs --build-dir (the server "
+                                   "loads the same graphs)")
+        opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
+                              device, Path(scratch))
+        opened.max_context = opened.max_context or max_context
+        source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
+        repo = render(Path(scratch) / "repo", repository_values(
+            source, backend, tokenizer_dir, "cpu", "cpu", opened.max_context,
+            settings.max_new_tokens, str(settings.block_size), capacity=max(clients),
+            dtype=dtype))
+        try:
+            server = TritonServer(repo, Path(scratch)).start()
+        except ServerError as err:
+            raise click.ClickException(str(err)) from None
+        try:
+            pool = held_out_prompts(opened.tokenizer, max(clients), prompt_length,
+                                    opened.config.vocab_size, seed)
+            rows = compare(opened, server.grpc_url, pool, opened.tokenizer.decode,
+                           opened.tokenizer.encode, clients, settings)
+        finally:
+            server.stop()
+    click.echo(format_rows(rows))
+    (out / "serve.md").write_text(format_rows(rows, markdown=True) + "\n")
+    click.echo(f"\nwrote {out / 'serve.md'}")
