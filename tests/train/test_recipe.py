@@ -36,7 +36,7 @@ def test_both_stages_learn_and_the_context_tower_stays_frozen():
     windows = torch.stack([stream[i:i + 24] for i in (0, 7, 13, 40)])
     with torch.no_grad():
         before = float(diffusion_loss(model, windows, 12, 8, gen))
-    train_denoiser(model, stream, steps=30, batch=4, max_prefix=12, block=8, lr=1e-2, seed=1,
+    train_denoiser(model, stream, steps=30, batch=4, window=24, block=8, lr=1e-2, seed=1,
                    progress=False)
     with torch.no_grad():
         after = float(diffusion_loss(model, windows, 12, 8, torch.Generator().manual_seed(5)))
@@ -63,3 +63,19 @@ def test_toy_recipe_writes_a_checkpoint_that_generates(tmp_path):
     out = generate(model, torch.tensor([[5, 6, 7]]),
                    GenerationSettings(max_new_tokens=16, block_size=8, steps_per_block=8))
     assert 0 < len(out.tokens[0]) <= 16 and (tmp_path / "tokenizer.json").is_file()
+    # stored in bf16 (router in fp32, as the spec keeps it), computed in float32
+    from trt_twotower.checkpoint import CheckpointReader
+    from trt_twotower.reference.model import FP32_PARAMETERS
+    assert model.dtype == torch.float32
+    assert CheckpointReader(tmp_path).config.torch_dtype == "float32"
+    raw = _stored_dtypes(tmp_path / "model.safetensors")
+    assert {d for n, d in raw.items() if n.endswith(FP32_PARAMETERS)} == {"F32"}
+    assert {d for n, d in raw.items() if not n.endswith(FP32_PARAMETERS)} == {"BF16"}
+
+
+def _stored_dtypes(path):
+    import json
+    import struct
+    with open(path, "rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    return {n: v["dtype"] for n, v in header.items() if n != "__metadata__"}

@@ -48,18 +48,18 @@ class Scale:
     seq_len: int
     denoiser_steps: int
     denoiser_batch: int
-    max_prefix: int
+    denoiser_window: int
     block: int = 16
     ar_lr: float = 3e-3
     denoiser_lr: float = 1.5e-3
 
 
 SCALES = {
-    "full": Scale(BUILTIN_CONFIG, corpus_tokens=2_000_000, ar_steps=600, ar_batch=16,
-                  seq_len=128, denoiser_steps=3600, denoiser_batch=16, max_prefix=112,
+    "full": Scale(BUILTIN_CONFIG, corpus_tokens=2_000_000, ar_steps=1200, ar_batch=16,
+                  seq_len=128, denoiser_steps=800, denoiser_batch=32, denoiser_window=128,
                   denoiser_lr=3e-3),
     "toy": Scale(TOY_CONFIG, corpus_tokens=20_000, ar_steps=12, ar_batch=4, seq_len=32,
-                 denoiser_steps=12, denoiser_batch=4, max_prefix=16, block=8),
+                 denoiser_steps=12, denoiser_batch=4, denoiser_window=32, block=8),
 }
 
 
@@ -77,11 +77,13 @@ def run_recipe(out_dir: Path, scale: str = "full", seed: int = 0, progress: bool
     ar_seconds = time.perf_counter() - start
     initialise_denoiser_from_backbone(model)
     den_losses = train_denoiser(model, stream, s.denoiser_steps, s.denoiser_batch,
-                                s.max_prefix, s.block, s.denoiser_lr, seed + 1, progress)
+                                s.denoiser_window, s.block, s.denoiser_lr, seed + 1, progress)
     total = time.perf_counter() - start
     model.eval().requires_grad_(False)
     out_dir = Path(out_dir)
-    save_model(model, out_dir)
+    # bf16 storage halves the committed file; config.json keeps float32, so every command
+    # computes in float32 from exactly these (bf16-representable) weights
+    save_model(model.to_dtype(torch.bfloat16), out_dir)
     tokenizer.save(out_dir)
     log = {"scale": scale, "seed": seed, "corpus_tokens": len(stream),
            "ar_seconds": round(ar_seconds, 1), "total_seconds": round(total, 1),
