@@ -37,7 +37,7 @@ class GenerationSettings:
     max_new_tokens: int = 64
     block_size: int = 16
     steps_per_block: int = 16
-    confidence_threshold: float = 0.9
+    confidence_threshold: float = 0.8  # the card's operating point (docs/decisions.md)
     temperature: float = 0.0
     top_k: Optional[int] = None
     top_p: Optional[float] = None

@@ -89,7 +89,7 @@ def test_settings_cross_the_boundary_unchanged_and_are_validated_again():
                            top_p=0.9, seed=2**40)
     assert settings_from_json(settings_to_json(s)) == s
     with pytest.raises(ValueError, match="confidence_threshold"):
-        settings_from_json(settings_to_json(s).replace('"confidence_threshold": 0.9',
+        settings_from_json(settings_to_json(s).replace('"confidence_threshold": 0.8',
                                                        '"confidence_threshold": 2.0'))
 
 

@@ -48,7 +48,8 @@ def parse_prompt_ids(text: str) -> list[int]:
               help="Tokens per diffusion block (the released denoiser was trained on 16).")
 @click.option("--steps-per-block", type=int, default=16, show_default=True,
               help="Most denoiser evaluations per block.")
-@click.option("--confidence-threshold", type=float, default=0.8, show_default=True,
+@click.option("--confidence-threshold", type=float,
+              default=GenerationSettings.confidence_threshold, show_default=True,
               help="γ: every masked position more confident than this commits in a step.")
 @click.option("--temperature", type=float, default=0.0, show_default=True,
               help="0 is greedy; otherwise samples (diffusion: Gumbel-max).")

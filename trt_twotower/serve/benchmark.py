@@ -121,15 +121,16 @@ def through_triton(url: str, prompts: list[str], settings: GenerationSettings,
                     client_bytes=sum(r.client_bytes for r in runs))
 
 
-def _fastest(runs: list[ServeRow]) -> ServeRow:
-    return max(runs, key=lambda r: r.tokens_per_second)
+def _median(runs: list[ServeRow]) -> ServeRow:
+    """The run of median tokens/s: short runs on a shared machine are noisy both ways."""
+    return sorted(runs, key=lambda r: r.tokens_per_second)[len(runs) // 2]
 
 
 def compare(backend: OpenBackend, url: str, prompt_ids: list[list[int]], decode: Any,
             encode: Any, client_counts: list[int], settings: GenerationSettings,
-            repeats: int = 3, progress: bool = True) -> list[ServeRow]:
+            repeats: int = 5, progress: bool = True) -> list[ServeRow]:
     """For each client count: the in-process row, then the Triton row with its ratios; each
-    the fastest of ``repeats`` runs, alternating the paths so drift hits both alike.
+    the median of ``repeats`` runs, alternating the paths so drift hits both alike.
 
     Prompts are decoded to text and re-encoded, so both paths start from the ids the server's
     tokenizer produces."""
@@ -146,7 +147,7 @@ def compare(backend: OpenBackend, url: str, prompt_ids: list[list[int]], decode:
                                          settings))
             served_runs.append(through_triton(url, [texts[i % len(texts)] for i in range(n)],
                                               settings))
-        local, served = _fastest(local_runs), _fastest(served_runs)
+        local, served = _median(local_runs), _median(served_runs)
         served.ratio_tokens_per_second = served.tokens_per_second / local.tokens_per_second
         served.ratio_first_block = local.first_block_seconds / served.first_block_seconds
         rows += [local, served]
