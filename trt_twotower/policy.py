@@ -234,6 +234,13 @@ def sample_tokens(
     return (torch.log_softmax(logits, -1) + noise).argmax(-1)
 
 
+def sample_next(logits: torch.Tensor, settings: GenerationSettings, seeds: torch.Tensor,
+                step_key: int) -> torch.Tensor:
+    """AR and mock-AR's next tokens [B] under a request's sampling settings."""
+    return sample_tokens(logits, settings.temperature, settings.top_k, settings.top_p, seeds,
+                         step_key)
+
+
 # --- what a request keeps of the tokens it is given ----------------------------------------
 
 def accept_tokens(produced: int, ids: list[int], settings: GenerationSettings, eos_token_id: int

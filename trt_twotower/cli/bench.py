@@ -116,14 +116,11 @@ def _serve_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend
                                "`trt-twotower serve --context-device/--denoiser-device`")
     out.mkdir(parents=True, exist_ok=True)
     max_context = prompt_length * 2 + settings.max_new_tokens + 64  # room for re-tokenizing
+    source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
-        if backend == "onnxruntime" and build_dir is None:
-            raise click.UsageError("--serve with onnxruntime needs --build-dir (the server "
-                                   "loads the same graphs)")
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
                               device, Path(scratch))
         opened.max_context = opened.max_context or max_context
-        source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
         repo = render(Path(scratch) / "repo", repository_values(
             source, backend, tokenizer_dir, "cpu", "cpu", opened.max_context,
             settings.max_new_tokens, str(settings.block_size), capacity=max(clients),

@@ -171,19 +171,28 @@ COLUMNS = ("mode", "batch", "threshold", "block_size", "steps_per_block", "force
            "tokens", "tokens_per_eval", "experts_per_step", "speedup_vs_ar", "session_overhead")
 
 
-def format_rows(rows: list[BenchRow]) -> str:
+def format_table(columns: tuple[str, ...], table: list[list[Any]], markdown: bool = False
+                 ) -> str:
+    """Aligned text (or a markdown table): None prints as -, floats with 3 decimals."""
     def cell(value: Any) -> str:
         if value is None:
             return "-"
         return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-    records = [r.record() for r in rows]
-    widths = [max(len(c), *(len(cell(rec[c])) for rec in records)) for c in COLUMNS]
-    header = " | ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))
-    lines = [header, "-|-".join("-" * w for w in widths)]
-    for rec in records:
-        lines.append(" | ".join(cell(rec[c]).rjust(w) for c, w in zip(COLUMNS, widths)))
+    if markdown:
+        return "\n".join(["| " + " | ".join(columns) + " |",
+                          "|---" + "|---:" * (len(columns) - 1) + "|"] +
+                         ["| " + " | ".join(map(cell, values)) + " |" for values in table])
+    widths = [max(len(c), *(len(cell(v[i])) for v in table)) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "-|-".join("-" * w for w in widths)]
+    lines += [" | ".join(cell(v).rjust(w) for v, w in zip(values, widths)) for values in table]
     return "\n".join(lines)
+
+
+def format_rows(rows: list[BenchRow]) -> str:
+    records = [r.record() for r in rows]
+    return format_table(COLUMNS, [[rec[c] for c in COLUMNS] for rec in records])
 
 
 def write_csv(rows: list[BenchRow], path: Path) -> Path:

@@ -248,9 +248,7 @@ class TwoTowerSession:
                                   step_key, self.config.mask_token_id, self.fused_unmask)
 
     def _sample(self, batch: _Batch, logits: torch.Tensor, step_key: int) -> torch.Tensor:
-        s = batch.requests[0].settings
-        return policy.sample_tokens(logits, s.temperature, s.top_k, s.top_p, batch.seeds(),
-                                    step_key)
+        return policy.sample_next(logits, batch.requests[0].settings, batch.seeds(), step_key)
 
     def _ar(self, batch: _Batch) -> None:
         eos = self.config.eos_token_id

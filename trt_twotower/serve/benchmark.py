@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from ..policy import GenerationSettings
 from ..runtime.backends import OpenBackend
+from ..runtime.benchmark import format_table
 from ..runtime.session import Request, TwoTowerSession
 
 
@@ -161,18 +162,6 @@ COLUMNS = ("path", "clients", "tokens", "tokens/s ratio", "first-block ratio",
 def format_rows(rows: list[ServeRow], markdown: bool = False) -> str:
     """Ratios are Triton over in-process (1.0 = no serving cost); absolute times stay out of
     the table because they belong to this machine."""
-    def cell(value: Any) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    table = [[r.path, r.clients, r.tokens, r.ratio_tokens_per_second, r.ratio_first_block,
-              r.per_token(r.tower_bytes), r.per_token(r.client_bytes)] for r in rows]
-    if markdown:
-        return "\n".join(["| " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * 6 + "|"] +
-                         ["| " + " | ".join(map(cell, values)) + " |" for values in table])
-    widths = [max(len(c), *(len(cell(v[i])) for v in table)) for i, c in enumerate(COLUMNS)]
-    lines = [" | ".join(c.rjust(w) for c, w in zip(COLUMNS, widths)),
-             "-|-".join("-" * w for w in widths)]
-    lines += [" | ".join(cell(v).rjust(w) for v, w in zip(values, widths)) for values in table]
-    return "\n".join(lines)
+    return format_table(COLUMNS, [[r.path, r.clients, r.tokens, r.ratio_tokens_per_second,
+                                   r.ratio_first_block, r.per_token(r.tower_bytes),
+                                   r.per_token(r.client_bytes)] for r in rows], markdown)

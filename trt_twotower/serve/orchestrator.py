@@ -20,6 +20,7 @@ import numpy as np
 from .. import policy
 from ..config import TwoTowerConfig
 from ..policy import GenerationSettings
+from ..runtime.cache_delta import HEADER_BYTES
 from ..runtime.session import OnDelta, RequestResult
 from .towers import ContextTower, DenoiserTower
 
@@ -80,7 +81,7 @@ class _Request:
         delta = self.timed(phase, self.link.context_extend, self.sequence, ids)
         self.timed(phase, self.link.denoiser_append, self.sequence, delta, keep_previous)
         self.result.stats.context_steps += 1
-        self.result.stats.handoff_bytes += int(delta.size) - 16  # the header is bookkeeping
+        self.result.stats.handoff_bytes += int(delta.size) - HEADER_BYTES  # bookkeeping only
 
     def emit(self, ids: list[int]) -> None:
         ids, self.done = policy.accept_tokens(len(self.result.tokens), ids, self.settings,

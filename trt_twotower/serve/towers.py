@@ -11,8 +11,10 @@ sequences, so a client that vanishes cannot exhaust its device.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
+
 import numpy as np
 import torch
 
@@ -36,11 +38,15 @@ class UnknownSequence(KeyError):
         return self.args[0]
 
 
+@functools.lru_cache(maxsize=1024)
 def settings_to_json(settings: GenerationSettings) -> str:
+    """Settings cross with every tower step; a request's are encoded once (they are frozen)."""
     return json.dumps(asdict(settings))
 
 
+@functools.lru_cache(maxsize=1024)
 def settings_from_json(text: str) -> GenerationSettings:
+    """Parsed and validated once per distinct text, not on every step of a request."""
     return GenerationSettings(**json.loads(text))
 
 
@@ -116,9 +122,8 @@ class ContextTower(_Tower):
         """Consume ``ids`` and sample the next token by the policy (AR)."""
         logits = self.executor.context_step(torch.tensor([ids], dtype=torch.long),
                                             self.sequences.get(sequence))
-        return int(policy.sample_tokens(logits, settings.temperature, settings.top_k,
-                                        settings.top_p, torch.tensor([settings.seed]),
-                                        step_key)[0])
+        return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]),
+                                      step_key)[0])
 
 
 class DenoiserTower(_Tower):
@@ -160,9 +165,8 @@ class DenoiserTower(_Tower):
                              "latest token's delta with keep_previous first")
         view = cache.one_token_back(previous)
         logits = self.executor.mock_ar_step(torch.tensor([[token]], dtype=torch.long), view)
-        return int(policy.sample_tokens(logits, settings.temperature, settings.top_k,
-                                        settings.top_p, torch.tensor([settings.seed]),
-                                        step_key)[0])
+        return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]),
+                                      step_key)[0])
 
     def release(self, sequence: int) -> bool:
         self.previous_mamba.pop(sequence, None)
