@@ -107,7 +107,7 @@ def test_bad_input_is_a_clear_error_and_the_server_stays_healthy(server, prompt,
     assert grpcclient.InferenceServerClient(server.grpc_url).is_server_ready()
 
 
-def test_missing_input_and_wrong_dtype_are_refused(server):
+def test_missing_input_wrong_dtype_and_wrong_shape_are_refused(server):
     import numpy as np
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
@@ -124,6 +124,10 @@ def test_missing_input_and_wrong_dtype_are_refused(server):
     bad.set_data_from_numpy(np.array([5], dtype=np.int64))
     with pytest.raises(InferenceServerException, match="(?i)data.type|datatype"):
         client.infer("preprocessing", [bad])
+    two = grpcclient.InferInput("text_input", [2], "BYTES")
+    two.set_data_from_numpy(np.array([b"a", b"b"], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="(?i)shape"):
+        client.infer("preprocessing", [two])
     assert client.is_server_ready()
 
 
