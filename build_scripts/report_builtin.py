@@ -44,13 +44,18 @@ def ar_quality(model, stream: torch.Tensor, windows: int, length: int) -> tuple[
 
 @torch.no_grad()
 def likelihood_under_ar(model, prompts: list[list[int]], outputs: list[list[int]]) -> float:
-    """Mean per-token log-likelihood of each generated continuation under the AR tower."""
-    total, count = 0.0, 0
+    """Mean per-token log-likelihood of the generated continuations under the AR tower, scored
+    in batches of equal (prompt, output) lengths: one forward per batch, not per prompt."""
+    groups: dict[tuple[int, int], list[list[int]]] = {}
     for prompt, out in zip(prompts, outputs):
-        ids = torch.tensor([prompt + out])
-        logp = torch.log_softmax(model.context_logits(ids[:, :-1], model.new_cache(1)), -1)
-        picked = logp[0, len(prompt) - 1:].gather(-1, ids[0, len(prompt):, None])
-        total, count = total + float(picked.sum()), count + len(out)
+        groups.setdefault((len(prompt), len(out)), []).append(prompt + out)
+    total, count = 0.0, 0
+    for (start, length), rows in groups.items():
+        for first in range(0, len(rows), 256):
+            ids = torch.tensor(rows[first:first + 256])
+            logits = model.context_logits(ids[:, :-1], model.new_cache(len(ids)))
+            picked = torch.log_softmax(logits[:, start - 1:], -1).gather(-1, ids[:, start:, None])
+            total, count = total + float(picked.sum()), count + len(ids) * length
     return total / count
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 
 from ..policy import GenerationSettings
+from .repository import CONTEXT_MODEL, DENOISER_MODEL, TOWER_MODELS
 from .towers import settings_to_json
 
-CONTEXT_MODEL, DENOISER_MODEL = "context_tower", "denoiser_tower"
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
 
@@ -96,7 +96,7 @@ class BlsLink:
     def release(self, sequence: int) -> None:
         """Both towers free the sequence; a failure to release is reported, not hidden."""
         errors = []
-        for model in (CONTEXT_MODEL, DENOISER_MODEL):
+        for model in TOWER_MODELS:
             try:  # each tower is asked whatever happened to the other
                 self._call(model, "release", sequence, ["released"])
             except Exception as err:

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from ..policy import GenerationSettings
+from .repository import TOWER_MODELS
 
 
 class ClientError(RuntimeError):
@@ -130,9 +131,6 @@ def generate(url: str, prompt: str, settings: GenerationSettings, stream: bool =
             out.stats = stats
     out.text = "".join(out.texts)
     return out
-
-
-TOWER_MODELS = ("context_tower", "denoiser_tower")
 
 
 def tower_stats(url: str, timeout: float = 30.0) -> dict[str, dict]:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Union
 
 from ..config import TwoTowerConfig
+from ..reference.loading import TOWER_GROUPS
 from ..runtime import backends
 from .towers import ContextTower, DenoiserTower
-
-TOWERS = ("context", "denoiser")
 
 
 def instance_device(kind: str, device_id: Union[str, int]) -> str:
@@ -24,8 +23,8 @@ def open_tower(tower: str, source: str, backend: str, device: str, max_context: 
     """``source``: ``builtin``, ``preset:NAME`` or a checkpoint directory (torch backend, in
     ``dtype``, ``auto`` = the checkpoint's), or a build directory (onnxruntime, tensorrt: the
     graphs' dtype, and caches of the build's context length, which their shapes fix)."""
-    if tower not in TOWERS:
-        raise ValueError(f"unknown tower {tower!r}; choose one of {', '.join(TOWERS)}")
+    if tower not in TOWER_GROUPS:
+        raise ValueError(f"unknown tower {tower!r}; choose one of {', '.join(TOWER_GROUPS)}")
     if backend == "torch":
         from ..reference.sources import open_source
         weights = None if dtype == "auto" else dtype

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "triton_repo"
-MODELS = ("preprocessing", "context_tower", "denoiser_tower", "twotower_bls", "postprocessing",
-          "ensemble")
+CONTEXT_MODEL, DENOISER_MODEL = "context_tower", "denoiser_tower"
+TOWER_MODELS = (CONTEXT_MODEL, DENOISER_MODEL)
+MODELS = ("preprocessing", *TOWER_MODELS, "twotower_bls", "postprocessing", "ensemble")
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 

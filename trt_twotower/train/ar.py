@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from ..reference.loading import TOWER_GROUPS
 from ..reference.model import TwoTowerModel
 from .schedule import Trainer
 
@@ -29,8 +30,7 @@ def train_ar(model: TwoTowerModel, stream: torch.Tensor, steps: int, batch: int,
              on_step: Callable[[int, float], None] = lambda s, l: None) -> list[float]:
     """Trains the context tower and its head in place; returns the loss per step."""
     gen = torch.Generator().manual_seed(seed)
-    params = [p for n, p in model.named_parameters() if n.startswith(("context_tower.",
-                                                                      "context_lm_head."))]
+    params = [p for n, p in model.named_parameters() if n.startswith(TOWER_GROUPS["context"])]
     trainer = Trainer(params, lr, steps, desc="AR backbone", progress=progress)
     for step in range(steps):
         loss = trainer.step(ar_loss(model, sample_windows(stream, batch, length + 1, gen)))

@@ -20,12 +20,12 @@ from typing import Callable
 import torch
 
 from ..reference.cache import TowerCache
+from ..reference.loading import TOWER_GROUPS
 from ..reference.model import TwoTowerModel
 from .ar import sample_windows
 from .schedule import Trainer
 
-DENOISER_PREFIXES = ("denoiser_tower.", "lm_head.", "t_embedder.", "t_block.",
-                     "scale_shift_tables.")
+DENOISER_PREFIXES = TOWER_GROUPS["denoiser"]
 
 
 @torch.no_grad()
