@@ -28,6 +28,7 @@ from trt_twotower.train.corpus import token_stream
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
+SCORE_BATCH = 256  # prompts per AR forward when scoring likelihood
 
 
 @torch.no_grad()
@@ -51,17 +52,22 @@ def likelihood_under_ar(model, prompts: list[list[int]], outputs: list[list[int]
         groups.setdefault((len(prompt), len(out)), []).append(prompt + out)
     total, count = 0.0, 0
     for (start, length), rows in groups.items():
-        for first in range(0, len(rows), 256):
-            ids = torch.tensor(rows[first:first + 256])
+        for first in range(0, len(rows), SCORE_BATCH):
+            ids = torch.tensor(rows[first:first + SCORE_BATCH])
             logits = model.context_logits(ids[:, :-1], model.new_cache(len(ids)))
             picked = torch.log_softmax(logits[:, start - 1:], -1).gather(-1, ids[:, start:, None])
             total, count = total + float(picked.sum()), count + len(ids) * length
     return total / count
 
 
+def hits_per_prompt(outputs: list[list[int]], truths: list[list[int]]) -> list[int]:
+    """How many positions of each output equal its true continuation."""
+    return [sum(a == b for a, b in zip(out, truth)) for out, truth in zip(outputs, truths)]
+
+
 def accuracy(outputs: list[list[int]], truths: list[list[int]]) -> float:
-    pairs = [(a, b) for out, truth in zip(outputs, truths) for a, b in zip(out, truth)]
-    return sum(a == b for a, b in pairs) / len(pairs)
+    compared = sum(min(len(out), len(truth)) for out, truth in zip(outputs, truths))
+    return sum(hits_per_prompt(outputs, truths)) / compared
 
 
 def ratio_interval(outputs: list[list[int]], ar_outputs: list[list[int]],
@@ -69,8 +75,8 @@ def ratio_interval(outputs: list[list[int]], ar_outputs: list[list[int]],
                    ) -> tuple[float, float]:
     """90 % paired-bootstrap interval (over prompts) of accuracy ÷ AR's accuracy, so the
     report says how far sampling alone moves the ratio."""
-    hits = torch.tensor([[sum(a == b for a, b in zip(o, t)), sum(a == b for a, b in zip(r, t))]
-                         for o, r, t in zip(outputs, ar_outputs, truths)], dtype=torch.float64)
+    hits = torch.tensor([hits_per_prompt(outputs, truths), hits_per_prompt(ar_outputs, truths)],
+                        dtype=torch.float64).T
     gen = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, len(hits), (draws, len(hits)), generator=gen)
     sums = hits[picks].sum(1)

@@ -25,8 +25,6 @@ from ..reference.model import TwoTowerModel
 from .ar import sample_windows
 from .schedule import Trainer
 
-DENOISER_PREFIXES = TOWER_GROUPS["denoiser"]
-
 
 @torch.no_grad()
 def initialise_denoiser_from_backbone(model: TwoTowerModel) -> None:
@@ -93,7 +91,7 @@ def train_denoiser(model: TwoTowerModel, stream: torch.Tensor, steps: int, batch
     whole blocks of ``window`` tokens after it."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(DENOISER_PREFIXES))
+        p.requires_grad_(name.startswith(TOWER_GROUPS["denoiser"]))
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = Trainer(params, lr, steps, desc="denoiser", progress=progress)
     for step in range(steps):
