@@ -51,3 +51,50 @@ def test_batched_likelihood_equals_scoring_each_prompt_alone():
     expected = float(sum(alone)) / sum(map(len, outputs))
     assert abs(report.likelihood_under_ar(model, prompts, outputs) - expected) < 1e-5
     assert expected < -1.0  # random weights: far from certain, so a wrong slice would show
+
+
+
+def test_left_to_right_probe_equals_predicting_each_token_alone():
+    """Exact equality of per-position accuracies with one-row, one-position predictions: the
+    batched probe must hide position j and everything after it, show everything before it,
+    and align AR's shifted logits with it. Truths mix both towers' own guesses with random
+    tokens, so both accuracies sit strictly between 0 and 1 and any misalignment shows."""
+    from trt_twotower.reference.init import initialise
+    from trt_twotower.reference.model import TwoTowerModel
+    from trt_twotower.train.recipe import TOY_CONFIG
+
+    model = initialise(TwoTowerModel(TOY_CONFIG), 0).eval()
+    width, mask = 8, TOY_CONFIG.mask_token_id
+
+    @torch.no_grad()
+    def ar_guess(prompt, known):
+        ids = torch.tensor([prompt + known])
+        return int(model.context_logits(ids, model.new_cache(1))[0, -1].argmax())
+
+    @torch.no_grad()
+    def denoiser_guess(prompt, known):
+        cache = model.new_cache(1)
+        model.context_step(torch.tensor([prompt]), cache)
+        probe = torch.tensor([known + [mask] * (width - len(known))])
+        t = torch.tensor([(width - len(known)) / width])
+        return int(model.denoiser_step(probe, t, cache)[0, len(known)].argmax())
+
+    gen = torch.Generator().manual_seed(2)
+    prompts = torch.randint(4, 1000, (6, 7), generator=gen).tolist()
+    truths = []
+    for prompt in prompts:
+        truth = []
+        for _ in range(width):
+            pick = int(torch.randint(0, 3, (1,), generator=gen))
+            truth.append(ar_guess(prompt, truth) if pick == 0 else
+                         denoiser_guess(prompt, truth) if pick == 1 else
+                         int(torch.randint(4, 1000, (1,), generator=gen)))
+        truths.append(truth)
+    expected_ar = [sum(ar_guess(p, t[:j]) == t[j] for p, t in zip(prompts, truths)) / 6
+                   for j in range(width)]
+    expected_den = [sum(denoiser_guess(p, t[:j]) == t[j] for p, t in zip(prompts, truths)) / 6
+                    for j in range(width)]
+    assert 0 < sum(expected_ar) / width < 1 and 0 < sum(expected_den) / width < 1
+    ar, den = report.left_to_right_skill(model, prompts, truths)
+    assert [round(a, 6) for a in ar] == [round(a, 6) for a in expected_ar]
+    assert [round(d, 6) for d in den] == [round(d, 6) for d in expected_den]
