@@ -179,7 +179,7 @@ def skill_lines(probe: tuple[list[float], list[float]]) -> list[str]:
              "| block positions | AR next-token accuracy | denoiser accuracy | ratio |",
              "|---|---:|---:|---:|"]
     for name, part in parts:
-        a, d = sum(ar[part]) / len(ar[part]), sum(den[part]) / len(den[part])
+        a, d = (sum(values[part]) / len(values[part]) for values in (ar, den))
         lines.append(f"| {name} | {a:.3f} | {d:.3f} | {d / a:.3f} |")
     return lines + ["", "When diffusion commits one token per evaluation from left to right, "
                     "each of its predictions is this probe's whenever its earlier commits were "
@@ -194,15 +194,17 @@ def write_report(args, acc, ppl, ar_acc, ar_ll, rows, probe, recipe: str) -> Non
 
     lines = [
         "# The built-in TwoTower: quality and parallelism", "",
-        f"Produced by `python build_scripts/report_builtin.py` (checkpoint `{args.checkpoint.name}`,"
-        f" {args.prompts} held-out prompts of {args.prompt_length} tokens, {args.new_tokens} new "
-        "tokens, block 16, 16 steps per block, greedy, CPU).", "", recipe, "",
+        "Produced by `python build_scripts/report_builtin.py` (checkpoint "
+        f"`{args.checkpoint.name}`, {args.prompts} held-out prompts of {args.prompt_length} "
+        f"tokens, {args.new_tokens} new tokens, block 16, 16 steps per block, greedy, CPU).",
+        "", recipe, "",
         f"Held-out AR quality of the context tower: next-token accuracy **{acc:.3f}**, "
         f"perplexity **{ppl:.2f}** (64 windows of 128 tokens of held-out standard-library files).",
         "", f"AR greedy baseline on the same prompts: accuracy against the true continuation "
         f"{ar_acc:.3f}, mean log-likelihood under the AR tower {ar_ll:.3f} per token.", "",
         "| γ | tokens per denoiser evaluation | agreement with AR | accuracy vs truth | "
-        "accuracy ÷ AR (90 % interval) | likelihood under AR ÷ AR's (per token, exp Δ) | wall-clock speed vs AR |",
+        "accuracy ÷ AR (90 % interval) | likelihood under AR ÷ AR's (per token, exp Δ) | "
+        "wall-clock speed vs AR |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

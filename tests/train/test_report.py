@@ -1,10 +1,15 @@
-"""The built-in model report's bootstrap interval: it brackets the measured accuracy ratio and
-narrows as prompts are added, so the report's ± is a real sampling error."""
+"""The built-in model report's measurements: the bootstrap interval brackets the accuracy ratio
+and narrows as prompts are added (so the report's ± is a real sampling error), and the batched
+likelihood and left-to-right probe equal their one-prompt-at-a-time definitions."""
 
 import importlib.util
 from pathlib import Path
 
 import torch
+
+from trt_twotower.reference.init import initialise
+from trt_twotower.reference.model import TwoTowerModel
+from trt_twotower.train.recipe import TOY_CONFIG
 
 _SCRIPT = Path(__file__).resolve().parents[2] / "build_scripts" / "report_builtin.py"
 _spec = importlib.util.spec_from_file_location("report_builtin", _SCRIPT)
@@ -34,10 +39,6 @@ def test_the_interval_brackets_the_ratio_and_narrows_with_more_prompts():
 
 def test_batched_likelihood_equals_scoring_each_prompt_alone():
     """Tolerance 1e-5 per token: batching changes only the order of float sums."""
-    from trt_twotower.reference.init import initialise
-    from trt_twotower.reference.model import TwoTowerModel
-    from trt_twotower.train.recipe import TOY_CONFIG
-
     model = initialise(TwoTowerModel(TOY_CONFIG), 0).eval()
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 1000, (n,), generator=gen).tolist() for n in (5, 5, 7, 5)]
@@ -53,16 +54,11 @@ def test_batched_likelihood_equals_scoring_each_prompt_alone():
     assert expected < -1.0  # random weights: far from certain, so a wrong slice would show
 
 
-
 def test_left_to_right_probe_equals_predicting_each_token_alone():
     """Exact equality of per-position accuracies with one-row, one-position predictions: the
     batched probe must hide position j and everything after it, show everything before it,
     and align AR's shifted logits with it. Truths mix both towers' own guesses with random
     tokens, so both accuracies sit strictly between 0 and 1 and any misalignment shows."""
-    from trt_twotower.reference.init import initialise
-    from trt_twotower.reference.model import TwoTowerModel
-    from trt_twotower.train.recipe import TOY_CONFIG
-
     model = initialise(TwoTowerModel(TOY_CONFIG), 0).eval()
     width, mask = 8, TOY_CONFIG.mask_token_id
 
@@ -90,10 +86,13 @@ def test_left_to_right_probe_equals_predicting_each_token_alone():
                          denoiser_guess(prompt, truth) if pick == 1 else
                          int(torch.randint(4, 1000, (1,), generator=gen)))
         truths.append(truth)
-    expected_ar = [sum(ar_guess(p, t[:j]) == t[j] for p, t in zip(prompts, truths)) / 6
-                   for j in range(width)]
-    expected_den = [sum(denoiser_guess(p, t[:j]) == t[j] for p, t in zip(prompts, truths)) / 6
-                    for j in range(width)]
+
+    def accuracy_per_position(guess):
+        return [sum(guess(p, t[:j]) == t[j] for p, t in zip(prompts, truths)) / len(prompts)
+                for j in range(width)]
+
+    expected_ar = accuracy_per_position(ar_guess)
+    expected_den = accuracy_per_position(denoiser_guess)
     assert 0 < sum(expected_ar) / width < 1 and 0 < sum(expected_den) / width < 1
     ar, den = report.left_to_right_skill(model, prompts, truths)
     assert [round(a, 6) for a in ar] == [round(a, 6) for a in expected_ar]
