@@ -10,6 +10,8 @@
 // cores (mma.sync m16n8k16, fp32 accumulation) with an online softmax per row, and each CTA
 // writes a partial (max, sum, unnormalised values). A second kernel merges the partials. The
 // concatenation of prefix and block is never materialised.
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
@@ -54,19 +56,31 @@ int row_groups(const Shape& s) {
   return (s.block * (s.q_heads / s.kv_heads) + rows_per_cta - 1) / rows_per_cta;
 }
 
+// Splits worth having at all: each at least kMinKeysPerSplit keys, so the partials stay small
+// next to the K/V they summarise.
+int64_t max_splits(const Shape& s) {
+  const int64_t by_length = (static_cast<int64_t>(s.max_context) + s.block + kMinKeysPerSplit -
+                             1) / kMinKeysPerSplit;
+  return std::min<int64_t>(by_length, kMaxSplits);
+}
+
+// Partials of one split: (max, sum) and D unnormalised values per query row.
+int64_t split_bytes(const Shape& s, int head_dim) {
+  return static_cast<int64_t>(s.batch) * s.q_heads * s.block * (head_dim + 2) *
+         static_cast<int64_t>(sizeof(float));
+}
+
 // As many chunks as fit in one wave of CTAs (a partial second wave would leave most SMs idle),
-// but each chunk at least kMinKeysPerSplit keys so the partials stay small next to the K/V
-// they summarise.
-int choose_splits(const Shape& s, int head_dim) {
+// at most max_splits, and no more than `workspace_bytes` holds.
+int choose_splits(const Shape& s, int head_dim, int64_t workspace_bytes) {
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess)
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int ctas = s.batch * s.kv_heads * row_groups(s);
-  int splits = sms * ctas_per_sm(head_dim) / ctas;
-  const int by_length = (s.max_context + s.block + kMinKeysPerSplit - 1) / kMinKeysPerSplit;
-  splits = splits < by_length ? splits : by_length;
-  splits = splits < kMaxSplits ? splits : kMaxSplits;
-  return splits > 0 ? splits : 1;
+  const int64_t ctas = static_cast<int64_t>(s.batch) * s.kv_heads * row_groups(s);
+  int64_t splits = static_cast<int64_t>(sms) * ctas_per_sm(head_dim) / ctas;
+  splits = std::min(splits, max_splits(s));
+  splits = std::min(splits, workspace_bytes / split_bytes(s, head_dim));
+  return static_cast<int>(std::max<int64_t>(splits, 1));
 }
 
 int chunk_keys(const Shape& s, int splits, int head_dim) {
@@ -389,9 +403,35 @@ int dispatch_head_dim(int head_dim, const Args& a, void* out, cudaStream_t strea
   }
 }
 
+// Enough for this shape and every smaller one on a GPU of up to kWorkspaceSms SMs: one wave holds
+// at most kWorkspaceSms * ctas_per_sm CTAs of kMaxWarps * kRowsPerWarp rows, so a launch never
+// keeps more row-splits than that, unless one split per row is already more. Both terms grow
+// with every dimension, so the size for a profile's maximum shapes covers the whole profile.
 int64_t workspace_bytes(const Shape& s, int head_dim) {
   const int64_t rows = static_cast<int64_t>(s.batch) * s.q_heads * s.block;
-  return rows * choose_splits(s, head_dim) * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
+  const int64_t wave =
+      static_cast<int64_t>(kWorkspaceSms) * ctas_per_sm(head_dim) * kMaxWarps * kRowsPerWarp;
+  const int64_t row_splits = std::min(rows * max_splits(s), std::max(rows, wave));
+  return row_splits * (head_dim + 2) * static_cast<int64_t>(sizeof(float));
+}
+
+bool supported_head_dim(int head_dim) {
+  return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128;
+}
+
+// Grid limits: batch rows are gridDim.z, and the merge launches one CTA per query row.
+bool supported_grid(const Shape& s) {
+  return s.batch <= kMaxGridYZ &&
+         static_cast<int64_t>(s.batch) * s.q_heads * s.block <= INT_MAX;
+}
+
+// cp.async moves 16-byte vectors of K/V; q is read as pairs of elements, ctx_len as int64 and
+// the partials are written as float2.
+bool aligned_operands(const void* q, const void* ctx_k, const void* ctx_v,
+                      const int64_t* ctx_len, const void* blk_k, const void* blk_v,
+                      const void* out, const void* workspace) {
+  return aligned(ctx_k, 16) && aligned(ctx_v, 16) && aligned(blk_k, 16) && aligned(blk_v, 16) &&
+         aligned(q, 4) && aligned(out, 2) && aligned(ctx_len, 8) && aligned(workspace, 8);
 }
 
 bool valid_shape(const Shape& s) {
@@ -420,8 +460,12 @@ extern "C" int tt_block_cross_attention(const void* q, const void* ctx_k, const 
   if (!q || !ctx_k || !ctx_v || !ctx_len || !blk_k || !blk_v || !out || !workspace ||
       !tt::valid_shape(s))
     return TT_ERR_INVALID_ARGUMENT;
-  if (dtype != TT_FLOAT16 && dtype != TT_BFLOAT16) return TT_ERR_UNSUPPORTED;
-  if (workspace_bytes < tt::workspace_bytes(s, head_dim)) return TT_ERR_WORKSPACE;
+  if ((dtype != TT_FLOAT16 && dtype != TT_BFLOAT16) || !tt::supported_head_dim(head_dim) ||
+      !tt::supported_grid(s))
+    return TT_ERR_UNSUPPORTED;
+  if (!tt::aligned_operands(q, ctx_k, ctx_v, ctx_len, blk_k, blk_v, out, workspace))
+    return TT_ERR_MISALIGNED;
+  if (workspace_bytes < tt::split_bytes(s, head_dim)) return TT_ERR_WORKSPACE;
   tt::Args a{};
   a.q = q;
   a.ctx_k = ctx_k;
@@ -430,7 +474,7 @@ extern "C" int tt_block_cross_attention(const void* q, const void* ctx_k, const 
   a.blk_v = blk_v;
   a.ctx_len = ctx_len;
   a.shape = s;
-  a.splits = tt::choose_splits(s, head_dim);
+  a.splits = tt::choose_splits(s, head_dim, workspace_bytes);
   a.chunk = tt::chunk_keys(s, a.splits, head_dim);
   a.groups = tt::row_groups(s);
   a.part_ml = static_cast<float*>(workspace);

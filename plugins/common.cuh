@@ -1,6 +1,8 @@
 // Shared device helpers of the trt-twotower kernels.
 #pragma once
 
+#include <cstdint>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -8,6 +10,20 @@
 #include "twotower_plugins.h"
 
 namespace tt {
+
+// The most SMs a workspace is sized for. Workspace sizes depend on the shape only (a TensorRT
+// engine sizes them at build time, possibly on another GPU or none); on a GPU with more SMs a
+// launch uses fewer splits than it would like, never more memory than it was given.
+constexpr int kWorkspaceSms = 192;
+
+// The largest gridDim.y / gridDim.z of a launch.
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Whether `p` is a multiple of `bytes`: checked on the host before a launch, because a
+// misaligned vector load or cp.async faults on the device instead of returning an error.
+inline bool aligned(const void* p, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

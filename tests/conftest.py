@@ -1,10 +1,13 @@
-"""Shared fixtures: small random TwoTower models in fp32 (fixed seeds, non-zero weights)."""
+"""Shared fixtures: small random TwoTower models in fp32 (fixed seeds, non-zero weights), and
+engines of the built-in model built once per session with TensorRT-RTX on the CPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from trt_twotower.cli import main
 from trt_twotower.config import TwoTowerConfig, preset
 from trt_twotower.reference import TwoTowerModel
 from trt_twotower.reference.init import initialise
@@ -27,3 +30,23 @@ def tiny_model(tiny_config: TwoTowerConfig) -> TwoTowerModel:
 @pytest.fixture
 def rng() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
+
+
+BUILD_ARGS = ["--flavor", "tensorrt-rtx", "--max-context", "128",
+              "--block-size", "8", "--max-batch", "2", "--max-prefill", "64"]
+
+
+@pytest.fixture(scope="session")
+def bf16_cli(tmp_path_factory):
+    """(build directory, what `trt-twotower build` printed)."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
+    out = tmp_path_factory.mktemp("engines-bf16")
+    result = CliRunner().invoke(main, ["build", *BUILD_ARGS, "--dtype", "bf16", "-o", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+@pytest.fixture(scope="session")
+def bf16_build(bf16_cli):
+    return bf16_cli[0]

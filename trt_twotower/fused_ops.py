@@ -48,11 +48,13 @@ def block_cross_attention(q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Ten
 
 
 def confidence_unmask(logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                      threshold: float, steps_left: int, temperature: float = 0.0,
+                      threshold: float | torch.Tensor, steps_left: int | torch.Tensor,
+                      temperature: float = 0.0,
                       seeds: torch.Tensor | None = None, step_key: int = 0
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One diffusion step from logits [B,S,V]: (next block [B,S], confidences [B,S] with
-    +inf at unmasked positions, masked positions left [B])."""
+    +inf at unmasked positions, masked positions left [B]). ``threshold`` and ``steps_left``
+    are one value or one per row ([B])."""
     pred, conf = policy.diffusion_predictions(logits, mask_token_id, temperature, seeds,
                                               step_key)
     nxt, conf = policy.commit_step(block, pred.to(block.dtype), conf, mask_token_id, threshold,

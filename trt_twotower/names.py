@@ -16,17 +16,17 @@ from typing import Union
 
 from .config import TwoTowerConfig
 
-MODEL, FLOAT32, INT64 = "model", "float32", "int64"
+MODEL, FLOAT32, INT64, BOOL = "model", "float32", "int64", "bool"
 
 # Symbolic axes: the runtime's profiles give them ranges.
 BATCH, TOKENS, BLOCK = "batch", "tokens", "block"
 
-# Graph files of one converted model.
+# Graph files of one converted model: one per tower, so that an engine built from each holds
+# its tower's weights once (every step type of a tower is a profile or an input of its graph).
 CONTEXT_STEP = "context_step"
 DENOISER_STEP = "denoiser_step"
-DENOISER_UNMASK_STEP = "denoiser_unmask_step"
-MOCK_AR_STEP = "mock_ar_step"
-GRAPHS = (CONTEXT_STEP, DENOISER_STEP, DENOISER_UNMASK_STEP, MOCK_AR_STEP)
+GRAPHS = (CONTEXT_STEP, DENOISER_STEP)
+TOWER_OF_GRAPH = {CONTEXT_STEP: "context", DENOISER_STEP: "denoiser"}
 
 Dim = Union[str, int]
 
@@ -100,24 +100,25 @@ def context_step_io(c: TwoTowerConfig, max_context: int
     return inputs, outputs
 
 
-def denoiser_step_io(c: TwoTowerConfig, max_context: int, graph: str = DENOISER_STEP
+def denoiser_step_io(c: TwoTowerConfig, max_context: int
                      ) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The denoiser over one block, reading the context tower's cache (never writing it).
+    """The denoiser over a block, reading the context tower's cache (never writing it).
 
-    ``MOCK_AR_STEP`` has no timestep (unmodulated) and takes one token with the cache one
-    token back; ``DENOISER_UNMASK_STEP`` ends in the confidence-unmask op (greedy)."""
-    inputs = [TensorSpec("block_ids", INT64, (BATCH, BLOCK))]
-    if graph != MOCK_AR_STEP:
-        inputs.append(TensorSpec("t", FLOAT32, (BATCH,)))
-    inputs += [TensorSpec("past_length", INT64, (BATCH,)), *context_cache_inputs(c, max_context)]
-    if graph == DENOISER_UNMASK_STEP:
-        inputs += [TensorSpec("confidence_threshold", FLOAT32, ()),
-                   TensorSpec("steps_left", INT64, ())]
-        outputs = [TensorSpec("next_block", INT64, (BATCH, BLOCK)),
-                   TensorSpec("confidence", FLOAT32, (BATCH, BLOCK)),
-                   TensorSpec("masked_count", INT64, (BATCH,))]
-    else:
-        outputs = [TensorSpec("logits", FLOAT32, (BATCH, BLOCK, c.vocab_size))]
+    One graph serves all three denoiser step types: a block step (logits), the fused greedy
+    unmask step (the same logits through the confidence-unmask op) and mock-AR (one token
+    over the cache one token back, ``modulated`` false: no adaLN shift, scale or gate). γ and
+    the steps left are per row: rows of different requests, at different steps, share a call."""
+    inputs = [TensorSpec("block_ids", INT64, (BATCH, BLOCK)),
+              TensorSpec("t", FLOAT32, (BATCH,)),
+              TensorSpec("modulated", BOOL, (BATCH,)),
+              TensorSpec("past_length", INT64, (BATCH,)),
+              *context_cache_inputs(c, max_context),
+              TensorSpec("confidence_threshold", FLOAT32, (BATCH,)),
+              TensorSpec("steps_left", INT64, (BATCH,))]
+    outputs = [TensorSpec("logits", FLOAT32, (BATCH, BLOCK, c.vocab_size)),
+               TensorSpec("next_block", INT64, (BATCH, BLOCK)),
+               TensorSpec("confidence", FLOAT32, (BATCH, BLOCK)),
+               TensorSpec("masked_count", INT64, (BATCH,))]
     return inputs, outputs
 
 
@@ -125,6 +126,6 @@ def graph_io(c: TwoTowerConfig, max_context: int, graph: str
              ) -> tuple[list[TensorSpec], list[TensorSpec]]:
     if graph == CONTEXT_STEP:
         return context_step_io(c, max_context)
-    if graph in GRAPHS:
-        return denoiser_step_io(c, max_context, graph)
+    if graph == DENOISER_STEP:
+        return denoiser_step_io(c, max_context)
     raise ValueError(f"unknown graph {graph!r}; known: {', '.join(GRAPHS)}")

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+from .errors import TwoTowerError
 
 MASK_LOGIT = -1e12  # what the MDLM step writes into the mask token's logit (spec §5.1)
 GUMBEL_U_MIN = 1e-10
@@ -25,7 +27,7 @@ GUMBEL_U_MIN = 1e-10
 MODES = ("diffusion", "mock-ar", "ar")
 
 
-class GenerationError(ValueError):
+class GenerationError(TwoTowerError, ValueError):
     """Generation settings that cannot be run."""
 
 
@@ -160,23 +162,27 @@ def _row_seeds(seeds: Optional[torch.Tensor], logits: torch.Tensor) -> torch.Ten
     return seeds.to(logits.device)
 
 
-def commit_counts(masked: torch.Tensor, confidence: torch.Tensor, threshold: float,
-                  steps_left: int, forced: Optional[int] = None) -> torch.Tensor:
+def commit_counts(masked: torch.Tensor, confidence: torch.Tensor,
+                  threshold: Union[float, torch.Tensor], steps_left: Union[int, torch.Tensor],
+                  forced: Optional[int] = None) -> torch.Tensor:
     """How many masked positions each row commits this step.
 
     masked: bool [B, S]; confidence: [B, S]; steps_left = T - s (1 on the last step).
     Last step: all. Otherwise max(#(conf > γ) or 1, ceil(n / steps_left)), at most n.
-    ``forced`` (benchmarks only) commits exactly that many, independent of the weights.
+    ``threshold`` and ``steps_left`` are one value for every row or one per row ([B]): rows of
+    different requests share a step. ``forced`` (benchmarks only) commits exactly that many,
+    independent of the weights.
     """
     n = masked.sum(-1)
     if forced is not None:
         return torch.clamp(n, max=forced)
-    if steps_left <= 1:
-        return n
-    above = ((confidence > threshold) & masked).sum(-1)
+    gamma = torch.as_tensor(threshold, dtype=confidence.dtype, device=confidence.device)
+    steps = torch.as_tensor(steps_left, dtype=torch.int64, device=n.device).reshape(-1)
+    above = ((confidence > gamma.reshape(-1, 1)) & masked).sum(-1)
     k = torch.where(above == 0, torch.ones_like(above), above)
-    min_commit = torch.div(n + steps_left - 1, steps_left, rounding_mode="floor")
-    return torch.minimum(torch.maximum(k, min_commit), n)
+    divisor = steps.clamp_min(1)
+    min_commit = torch.div(n + divisor - 1, divisor, rounding_mode="floor")
+    return torch.where(steps <= 1, n, torch.minimum(torch.maximum(k, min_commit), n))
 
 
 def commit_step(
@@ -184,8 +190,8 @@ def commit_step(
     pred: torch.Tensor,
     confidence: torch.Tensor,
     mask_token_id: int,
-    threshold: float,
-    steps_left: int,
+    threshold: Union[float, torch.Tensor],
+    steps_left: Union[int, torch.Tensor],
     forced: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One diffusion step's commit: returns (next block ids, confidences used).

@@ -88,8 +88,11 @@ def test_profiles_cover_decode_block_and_prefill():
     assert ranges["prefill"] == ((1, 1), (4, 48), (8, 48))
     assert specs[0].shapes["past_key.2"][2] == (8, 2, 64, 16)
     denoiser = profiles(preset("tiny"), names.DENOISER_STEP, 64, 8, 16, 48)
-    assert [s.name for s in denoiser] == ["block"]
-    assert "t" in denoiser[0].shapes and "confidence_threshold" not in denoiser[0].shapes
+    assert [s.name for s in denoiser] == ["block", "mock-ar"]
+    assert denoiser[0].shapes["block_ids"] == ((1, 16), (4, 16), (8, 16))
+    assert denoiser[1].shapes["block_ids"] == ((1, 1), (4, 1), (8, 1))
+    assert denoiser[1].shapes["modulated"] == ((1,), (4,), (8,))
+    assert denoiser[0].shapes["confidence_threshold"] == ((1,), (4,), (8,))  # one γ per row
 
 
 def _router(matmul_dtype):

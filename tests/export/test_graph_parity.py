@@ -3,9 +3,11 @@ every step type within 1e-4 relative and greedy generations token for token."""
 
 import onnx
 import pytest
+import torch
 
-from trt_twotower import names
+from trt_twotower import names, policy
 from trt_twotower.policy import GenerationSettings
+from trt_twotower.runtime.cache import StepCache
 from trt_twotower.runtime.ort_executor import OrtContextExecutor, OrtDenoiserExecutor
 from trt_twotower.runtime.parity import (Backend, compare_generation, compare_steps,
                                          format_table)
@@ -51,7 +53,7 @@ def test_plugin_lowering_matches_the_reference(exported_plugin):
     """The plugin graph (custom trt_twotower ops run by their torch definitions) computes
     what the reference computes: every step type and every mode."""
     config, model, out = exported_plugin
-    graph = onnx.load(str(out / f"{names.DENOISER_UNMASK_STEP}.onnx"), load_external_data=False)
+    graph = onnx.load(str(out / f"{names.DENOISER_STEP}.onnx"), load_external_data=False)
     custom = {n.op_type for n in graph.graph.node if n.domain == "trt_twotower"}
     assert custom == {"BlockCrossAttention", "ConfidenceUnmask"}
     ref, cand = _backends(config, model, out, plugin=True)
@@ -62,3 +64,29 @@ def test_plugin_lowering_matches_the_reference(exported_plugin):
     gens = compare_generation(ref, cand, config, MAX_CONTEXT, [[5, 6, 7], [11]], settings,
                               fused_unmask=True)
     assert all(g.passed for g in gens), format_table([], gens)
+
+
+def test_rows_of_one_unmask_step_keep_their_own_threshold_and_steps_left(exported):
+    """Rows of different requests share a denoiser call: each row commits by its own γ and
+    steps left, exactly as the policy does for that row alone."""
+    config, model, out = exported
+    ref, cand = _backends(config, model, out)
+    gen = torch.Generator().manual_seed(7)
+    batch, size = 4, 8
+    cache = StepCache.allocate(config, batch, MAX_CONTEXT, torch.float32)
+    ref.context.context_step(torch.randint(4, config.vocab_size, (batch, 5), generator=gen),
+                             cache)
+    block = torch.randint(4, config.vocab_size, (batch, size), generator=gen)
+    block[torch.rand(block.shape, generator=gen) < 0.7] = config.mask_token_id
+    t = block.eq(config.mask_token_id).float().mean(-1)
+    gamma, steps = torch.tensor([0.0, 0.3, 0.99, 0.5]), torch.tensor([4, 1, 2, 8])
+    nxt, _, _ = cand.denoiser.denoiser_unmask_step(block, t, cache, gamma, steps)
+    logits = ref.denoiser.denoiser_step(block, t, cache)
+    pred, conf = policy.diffusion_predictions(logits, config.mask_token_id)
+    for row in range(batch):
+        alone, _ = policy.commit_step(block[row:row + 1], pred[row:row + 1],
+                                      conf[row:row + 1], config.mask_token_id,
+                                      float(gamma[row]), int(steps[row]))
+        assert torch.equal(nxt[row], alone[0]), row
+    committed = (nxt != block).sum(-1)
+    assert len(set(committed.tolist())) > 1, "the rows should commit different counts"

@@ -8,12 +8,14 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from ..errors import TwoTowerError
+
 FLAVORS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 INSTALL_HINT = {"tensorrt": "pip install tensorrt (a GPU host with NVIDIA's index)",
                 "tensorrt-rtx": "pip install tensorrt-rtx-cu12"}
 
 
-class FlavorError(RuntimeError):
+class FlavorError(TwoTowerError, RuntimeError):
     """No TensorRT flavour could be imported, or not the one asked for."""
 
 

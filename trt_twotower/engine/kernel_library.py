@@ -1,47 +1,24 @@
 """The compiled plugin library (``build_scripts/build_plugins.sh``) called through ctypes with
-torch CUDA tensors: the harness of the GPU parity tests and benchmarks, and what the TensorRT
-plugin wrappers call. Arguments are checked here, before a launch, because a wrong pointer or
-shape in a CUDA kernel corrupts memory instead of raising."""
+torch CUDA tensors: the harness of the GPU parity tests and benchmarks. Arguments are checked
+here, before a launch, because a wrong pointer or shape in a CUDA kernel corrupts memory instead
+of raising. Where the library is and its C ABI belong to ``plugin_library``."""
 
 from __future__ import annotations
 
-import ctypes
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .manifest import DEFAULT_PLUGIN_LIBRARY, PLUGIN_LIBRARY_ENV
+from ..errors import TwoTowerError
+from .plugin_library import ATTENTION_HEAD_DIMS, MAX_BLOCK, load_plugin_library
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
-ATTENTION_HEAD_DIMS = (16, 32, 64, 128)
-MAX_BLOCK = 1024  # the commit kernel holds one row's block positions in one CTA
 
 
-class KernelError(RuntimeError):
+class KernelError(TwoTowerError, RuntimeError):
     """A launcher returned an error code, or its arguments are wrong."""
-
-
-def library_path() -> Path:
-    """TWOTOWER_PLUGIN_LIB, else the build script's output path."""
-    return Path(os.environ.get(PLUGIN_LIBRARY_ENV, DEFAULT_PLUGIN_LIBRARY))
-
-
-def _declare(lib: ctypes.CDLL) -> None:
-    """Argument and result types of the C ABI (plugins/twotower_plugins.h)."""
-    p, i, i64, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-    lib.tt_error_string.restype = ctypes.c_char_p
-    lib.tt_error_string.argtypes = [i]
-    lib.tt_block_cross_attention_workspace_bytes.restype = i64
-    lib.tt_block_cross_attention_workspace_bytes.argtypes = [i] * 6
-    lib.tt_block_cross_attention.restype = i
-    lib.tt_block_cross_attention.argtypes = [p] * 8 + [i64] + [i] * 7 + [p]
-    lib.tt_confidence_unmask_workspace_bytes.restype = i64
-    lib.tt_confidence_unmask_workspace_bytes.argtypes = [i, i, i]
-    lib.tt_confidence_unmask.restype = i
-    lib.tt_confidence_unmask.argtypes = [p] * 7 + [i64, i, i, i, i64, f, i64, f, i64, i, p]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -61,6 +38,15 @@ def _shape(name: str, t: torch.Tensor, expected: tuple[int, ...]) -> None:
                                          f"{list(t.shape)}")
 
 
+def _per_row(value: float | int | torch.Tensor, rows: int, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """One value per row on ``device``: a scalar filled in, or a [rows] tensor checked."""
+    if isinstance(value, torch.Tensor):
+        _require(value.numel() in (1, rows), f"expected 1 or {rows} values, got {value.numel()}")
+        return value.to(device, dtype).reshape(-1).expand(rows).contiguous()
+    return torch.full((rows,), value, dtype=dtype, device=device)
+
+
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -69,13 +55,8 @@ class KernelLibrary:
     """Typed wrappers of the two launchers; each returns fresh outputs unless given some."""
 
     def __init__(self, path: Optional[Path] = None) -> None:
-        path = Path(path or library_path())
-        if not path.is_file():
-            raise KernelError(f"no plugin library at {path}: run build_scripts/build_plugins.sh "
-                              f"or set {PLUGIN_LIBRARY_ENV}")
-        self.path = path
-        self.lib = ctypes.CDLL(str(path))
-        _declare(self.lib)
+        """``path``: the library to use instead of ``plugin_library``'s lookup."""
+        self.lib = load_plugin_library(path)
 
     def _check(self, code: int, what: str) -> None:
         if code != 0:
@@ -114,7 +95,8 @@ class KernelLibrary:
         return out
 
     def confidence_unmask(self, logits: torch.Tensor, block: torch.Tensor, mask_token_id: int,
-                          threshold: float, steps_left: int, temperature: float = 0.0,
+                          threshold: float | torch.Tensor, steps_left: int | torch.Tensor,
+                          temperature: float = 0.0,
                           seeds: Optional[torch.Tensor] = None, step_key: int = 0,
                           out: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,9 +130,14 @@ class KernelLibrary:
             _shape(name, t, shape)
         size = self.lib.tt_confidence_unmask_workspace_bytes(b, s, v)
         workspace = torch.empty(max(size, 0), dtype=torch.uint8, device=logits.device)
+        # The kernel reads one threshold and one steps-left per row on the device, where the
+        # TensorRT plugin has them; a scalar is written to every row by a kernel (no host
+        # copy), so a CUDA graph can still capture this call.
+        threshold_on_device = _per_row(threshold, b, torch.float32, logits.device)
+        steps_on_device = _per_row(steps_left, b, torch.int64, logits.device)
         self._check(self.lib.tt_confidence_unmask(
             logits.data_ptr(), block.data_ptr(), next_block.data_ptr(), confidence.data_ptr(),
             count.data_ptr(), seeds_ptr, workspace.data_ptr(), size, b, s, v, mask_token_id,
-            threshold, steps_left, temperature, step_key, DTYPE_CODES[logits.dtype],
-            _stream(logits.device)), "confidence_unmask")
+            threshold_on_device.data_ptr(), steps_on_device.data_ptr(), temperature, step_key,
+            DTYPE_CODES[logits.dtype], _stream(logits.device)), "confidence_unmask")
         return next_block, confidence, count

@@ -14,15 +14,16 @@ import multiprocessing
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..config import TwoTowerConfig
+from ..errors import TwoTowerError
 
 LIBRARY = "libtensorrt_rtx.so"
 ABORTED = -6  # SIGABRT, the exit of the parser's std::terminate
 
 
-class PluginBuildError(RuntimeError):
+class PluginBuildError(TwoTowerError, RuntimeError):
     """The isolated plugin build failed; the message says how."""
 
 
@@ -38,30 +39,24 @@ def _library_file() -> Path:
     raise PluginBuildError(f"no {LIBRARY}* in {list(tensorrt_rtx_libs.__path__)}")
 
 
-def _child(connection: Any, onnx_path: Path, graph: str, config: TwoTowerConfig,
-           max_context: int, options: Any, engine_file: Path) -> None:
-    from .build import build_engine
-    from .flavor import find_flavor
-    from .plugins import register_plugins
-
+def _child(connection: Any, build: Callable[..., tuple[dict, list[str]]], *args: Any) -> None:
     try:
-        plan, report, log = build_engine(find_flavor("tensorrt-rtx"), onnx_path, graph, config,
-                                         max_context, options, register_plugins)
-        engine_file.write_bytes(plan)
+        report, log = build(*args)
         connection.send(("ok", report, log))
     except Exception as err:  # noqa: BLE001 - every failure goes back to the parent as text
         connection.send(("error", f"{type(err).__name__}: {err}", []))
 
 
-def build_isolated(onnx_path: Path, graph: str, config: TwoTowerConfig, max_context: int,
-                   options: Any, engine_file: Path) -> tuple[dict, list[str]]:
-    """Build one plugin-lowering graph with TensorRT-RTX in a child process and write its
-    engine to ``engine_file``; returns (pass report, build log lines)."""
+def build_isolated(build: Callable[..., tuple[dict, list[str]]], onnx_path: Path, graph: str,
+                   config: TwoTowerConfig, max_context: int, options: Any, engine_file: Path
+                   ) -> tuple[dict, list[str]]:
+    """Run ``build`` (a module-level function the child can import, which writes the engine
+    to ``engine_file`` and returns (pass report, build log lines)) in a child process."""
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
     with tempfile.TemporaryDirectory(prefix="rtx-plugins-") as shim:
         (Path(shim) / LIBRARY).symlink_to(_library_file())
-        process = spawn.Process(target=_child, args=(send, onnx_path, graph, config,
+        process = spawn.Process(target=_child, args=(send, build, onnx_path, graph, config,
                                                      max_context, options, engine_file))
         saved = os.environ.get("LD_LIBRARY_PATH")
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (shim, saved) if p)

@@ -4,7 +4,6 @@ the tokenizer and a manifest draft in one output directory.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +13,15 @@ import torch
 
 from .. import names
 from ..config import TwoTowerConfig
-from .attention import LOWERINGS, PLUGIN
+from ..manifest import GraphRecord, Manifest, QuantizationRecord, TensorRecord, sha256_file
+from ..reference.quantization import Calibration, QuantizationError, QuantRecipe
+from .attention import LOWERINGS
 from .graph import GraphBuilder
 from .moe import ExportError
+from .quantize import QUANTIZATION_FILE, GraphQuantizer, calibrate
 from .towers import context_step_graph, denoiser_step_graph
 
 Weights = Callable[[str], torch.Tensor]
-MANIFEST = "manifest.json"
-MANIFEST_SCHEMA = 1
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_CONTEXT = 1024
 
@@ -32,6 +32,7 @@ class ConvertOptions:
     dtype: str = "float32"
     max_context: int = DEFAULT_MAX_CONTEXT
     graphs: Sequence[str] = names.GRAPHS
+    quantization: QuantRecipe = QuantRecipe()
 
     def __post_init__(self) -> None:
         if self.lowering not in LOWERINGS:
@@ -61,83 +62,83 @@ def prepare_output(out_dir: Path) -> Path:
 
 
 def export_graph(config: TwoTowerConfig, weights: Weights, out_dir: Path, graph: str,
-                 options: ConvertOptions, on_layer: Callable[[int], None] = lambda i: None
-                 ) -> Path:
-    """Write ``graph``.onnx and its ``.onnx.data`` into out_dir, one layer at a time."""
+                 options: ConvertOptions, on_layer: Callable[[int], None] = lambda i: None,
+                 calibration: Optional[Calibration] = None) -> Path:
+    """Write ``graph``.onnx and its ``.onnx.data`` into out_dir, one layer at a time (the
+    in-scope GEMMs through Q/DQ when ``options.quantization`` asks for it)."""
     dtype = EXPORT_DTYPES[options.dtype]
     path = out_dir / f"{graph}.onnx"
     builder = GraphBuilder(graph, dtype, out_dir / f"{graph}.onnx.data")
+    if options.quantization.enabled:
+        builder.quantizer = GraphQuantizer(config, options.quantization, calibration)
     if graph == names.CONTEXT_STEP:
         context_step_graph(builder, config, weights, options.max_context, on_layer)
     else:
-        denoiser_step_graph(builder, config, weights, options.max_context, graph,
-                            options.lowering, on_layer)
+        denoiser_step_graph(builder, config, weights, options.max_context, options.lowering,
+                            on_layer)
     return builder.save(path)
 
 
 def graph_record(config: TwoTowerConfig, graph: str, options: ConvertOptions, path: Path
-                 ) -> dict:
+                 ) -> GraphRecord:
     """What the manifest says of one graph: its file and its I/O (names, dtypes, shapes)."""
     inputs, outputs = names.graph_io(config, options.max_context, graph)
 
-    def io(specs: list[names.TensorSpec]) -> list[dict]:
-        return [{"name": s.name, "dtype": options.dtype if s.dtype == names.MODEL else s.dtype,
-                 "shape": list(s.shape)} for s in specs]
+    def io(specs: list[names.TensorSpec]) -> tuple[TensorRecord, ...]:
+        return tuple(TensorRecord(s.name, options.dtype if s.dtype == names.MODEL else s.dtype,
+                                  tuple(s.shape)) for s in specs)
 
-    tower = "context" if graph == names.CONTEXT_STEP else "denoiser"
-    return {"file": path.name, "data_file": f"{path.name}.data", "tower": tower,
-            "inputs": io(inputs), "outputs": io(outputs),
-            "bytes": path.stat().st_size + os.path.getsize(f"{path}.data")}
+    return GraphRecord(path.name, f"{path.name}.data", names.TOWER_OF_GRAPH[graph], io(inputs),
+                       io(outputs), path.stat().st_size + os.path.getsize(f"{path}.data"))
 
 
-def write_manifest_draft(out_dir: Path, config: TwoTowerConfig, options: ConvertOptions,
-                         graphs: dict[str, dict], source: str,
-                         checkpoint_digest: Optional[str]) -> Path:
-    manifest = {
-        "schema": MANIFEST_SCHEMA, "stage": "graphs", "source": source,
-        "checkpoint_digest": checkpoint_digest, "config": config.to_dict(),
-        "lowering": options.lowering, "dtype": options.dtype,
-        "max_context": options.max_context, "graphs": graphs, "engines": {},
-    }
-    path = out_dir / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+def calibrate_into(config: TwoTowerConfig, weights: Weights, out_dir: Path,
+                   recipe: QuantRecipe, windows: Optional[torch.Tensor]
+                   ) -> tuple[Optional[Calibration], Optional[QuantizationRecord]]:
+    """Calibrate where the recipe needs it, save the statistics beside the graphs (the
+    quantised reference reads them) and say so in a manifest record."""
+    (out_dir / QUANTIZATION_FILE).unlink(missing_ok=True)   # never a stale one beside graphs
+    if not recipe.enabled:
+        return None, None
+    if not recipe.needs_calibration:
+        return None, QuantizationRecord(recipe.mode, recipe.scope, recipe.block_size)
+    if windows is None:
+        raise ExportError(f"--quantize {recipe.mode} calibrates on prompts and none were given")
+    try:
+        calibration = calibrate(config, weights, recipe, windows)
+    except QuantizationError as err:
+        raise ExportError(str(err)) from err
+    path = calibration.save(out_dir / QUANTIZATION_FILE)
+    return calibration, QuantizationRecord(recipe.mode, recipe.scope, recipe.block_size,
+                                           path.name, sha256_file(path), calibration.prompts,
+                                           calibration.tokens)
 
 
 def convert(config: TwoTowerConfig, weights: Weights, out_dir: Path, options: ConvertOptions,
             tokenizer, source: str, checkpoint_digest: Optional[str] = None,
-            progress: bool = True) -> dict:
-    """Write every requested graph, config.json, tokenizer.json and the manifest draft."""
+            progress: bool = True, calibration_windows: Optional[torch.Tensor] = None
+            ) -> Manifest:
+    """Write every requested graph, config.json, tokenizer.json and the manifest draft; a
+    quantised conversion first calibrates on ``calibration_windows`` [prompts, length]."""
     from tqdm import tqdm
 
     out_dir = prepare_output(out_dir)
+    calibration, quantization = calibrate_into(config, weights, out_dir, options.quantization,
+                                               calibration_windows)
     records = {}
     with tqdm(total=len(options.graphs) * config.num_hidden_layers, unit="layer",
               desc="convert", disable=not progress) as bar:
         for graph in options.graphs:
             bar.set_postfix_str(graph)
-            path = export_graph(config, weights, out_dir, graph, options,
-                                on_layer=lambda i: bar.update(1))
+            try:
+                path = export_graph(config, weights, out_dir, graph, options,
+                                    on_layer=lambda i: bar.update(1), calibration=calibration)
+            except QuantizationError as err:
+                raise ExportError(str(err)) from err
             records[graph] = graph_record(config, graph, options, path)
     config.save(out_dir)
     tokenizer.save(out_dir)
-    write_manifest_draft(out_dir, config, options, records, source, checkpoint_digest)
-    return load_manifest(out_dir)
-
-
-def load_manifest(out_dir: Path) -> dict:
-    path = Path(out_dir) / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"no {MANIFEST} in {out_dir}; run `trt-twotower convert` first")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path} is not valid JSON: {err}") from err
-    if manifest.get("schema") != MANIFEST_SCHEMA:
-        raise ExportError(f"{path} has schema {manifest.get('schema')!r}; this trt-twotower "
-                          f"reads schema {MANIFEST_SCHEMA}: convert again")
+    manifest = Manifest(source, checkpoint_digest, config, options.lowering, options.dtype,
+                        options.max_context, records, quantization=quantization)
+    manifest.save(out_dir)
     return manifest
-
-
-def uses_plugin_ops(manifest: dict) -> bool:
-    return manifest.get("lowering") == PLUGIN

@@ -7,14 +7,14 @@ location is kept, so exporting a 30B tower holds one layer's tensors in memory a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Protocol, Sequence, Union
 
 import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper
 
-from ..names import FLOAT32, INT64, MODEL, TensorSpec
+from ..names import BOOL, FLOAT32, INT64, MODEL, TensorSpec
 
 OPSET = 24            # TensorScatter (native KV-cache update) and Attention-23/24
 IR_VERSION = 10       # the newest IR that ONNX Runtime 1.2x/1.3x loads
@@ -23,10 +23,28 @@ CUSTOM_OPSET = 1
 
 TORCH_TO_ONNX = {torch.float32: TensorProto.FLOAT, torch.bfloat16: TensorProto.BFLOAT16,
                  torch.float16: TensorProto.FLOAT16, torch.int64: TensorProto.INT64,
-                 torch.bool: TensorProto.BOOL}
+                 torch.bool: TensorProto.BOOL, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN}
 ALIGN = 64  # byte alignment of each weight in the external data file
 
 Value = str
+
+
+class LinearQuantizer(Protocol):
+    """What the layer emitters ask of a quantised export (``export/quantize.GraphQuantizer``)."""
+
+    def covers(self, name: str) -> bool:
+        """Whether the checkpoint weight ``name`` is exported quantised."""
+        ...
+
+    def linear(self, g: "GraphBuilder", x: Value, weight: torch.Tensor, name: str,
+               bias: Optional[torch.Tensor]) -> Value:
+        """x @ Wᵀ (+ b) through the weight's Q/DQ."""
+        ...
+
+    def stacked_matmul(self, g: "GraphBuilder", x: Value, weights: Sequence[torch.Tensor],
+                       names: Sequence[str], name: str) -> Value:
+        """x @ W_eᵀ for every expert e at once ([E, N, out]) through the stack's Q/DQ."""
+        ...
 
 
 class GraphBuilder:
@@ -45,6 +63,7 @@ class GraphBuilder:
         self._counter = 0
         self.uses_custom_domain = False
         self.scope = ""  # e.g. "context.layers.3.mamba": prefixes node names (readable layers)
+        self.quantizer: Optional[LinearQuantizer] = None  # None: every GEMM in the graph dtype
 
     # --- values -------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -65,14 +84,18 @@ class GraphBuilder:
 
     def _value_info(self, spec: TensorSpec) -> onnx.ValueInfoProto:
         elem = {MODEL: self.onnx_dtype, FLOAT32: TensorProto.FLOAT,
-                INT64: TensorProto.INT64}[spec.dtype]
+                INT64: TensorProto.INT64, BOOL: TensorProto.BOOL}[spec.dtype]
         return helper.make_tensor_value_info(spec.name, elem, list(spec.shape))
 
     def weight(self, name: str, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None
                ) -> Value:
         """A parameter, cast to ``dtype`` (default: the graph's), written to external data."""
         t = tensor.detach().to(dtype or self.dtype).contiguous().cpu()
-        raw = _raw_bytes(t)
+        return self.raw_weight(name, _raw_bytes(t), TORCH_TO_ONNX[t.dtype], t.shape)
+
+    def raw_weight(self, name: str, raw: bytes, onnx_dtype: int, dims: Sequence[int]) -> Value:
+        """A parameter given as its bytes in ONNX's layout (packed int4 has no torch dtype),
+        written to external data."""
         offset = self._data.tell()
         pad = (-offset) % ALIGN
         if pad:
@@ -81,8 +104,8 @@ class GraphBuilder:
         self._data.write(raw)
         proto = TensorProto()
         proto.name = name
-        proto.data_type = TORCH_TO_ONNX[t.dtype]
-        proto.dims.extend(t.shape)
+        proto.data_type = onnx_dtype
+        proto.dims.extend(dims)
         proto.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.data_path.name), ("offset", str(offset)),
                            ("length", str(len(raw)))):
@@ -143,4 +166,6 @@ class GraphBuilder:
 def _raw_bytes(t: torch.Tensor) -> bytes:
     if t.dtype == torch.bfloat16:
         return t.view(torch.uint16).numpy().tobytes()
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy().tobytes()
     return t.numpy().tobytes()

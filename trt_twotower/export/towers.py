@@ -89,15 +89,26 @@ def time_embedding(g: GraphBuilder, c: TwoTowerConfig, w: Weights, t: Value) -> 
     return reshape(g, t_emb, [0, 3, c.hidden_size])
 
 
+def adaln_switch(g: GraphBuilder, modulated: Value, shift: Value, scale: Value, gate: Value
+                 ) -> tuple[Value, Value, Value]:
+    """Rows with ``modulated`` false get shift 0, scale 0 and gate 1: x·(1 + 0) + 0 and 1·h
+    are exact in floating point, so such a row computes the unmodulated forward mock-AR runs
+    (spec §5.2) bit for bit, and one graph (one copy of the weights) serves every step."""
+    row = unsqueeze(g, modulated, [1, 2])                                   # [B, 1, 1]
+    zero, one = g.const(0.0, MODEL), g.const(1.0, MODEL)
+    return (g.op("Where", row, shift, zero), g.op("Where", row, scale, zero),
+            g.op("Where", row, gate, one))
+
+
 def denoiser_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_context: int,
-                        graph: str, lowering: str,
-                        on_layer: Callable[[int], None] = lambda i: None) -> None:
-    """The denoiser over a block (spec §4.2–§4.5); ``MOCK_AR_STEP`` runs unmodulated."""
-    specs_in, specs_out = names.denoiser_step_io(c, max_context, graph)
+                        lowering: str, on_layer: Callable[[int], None] = lambda i: None) -> None:
+    """The denoiser over a block (spec §4.2–§4.5): its logits and, through the confidence-
+    unmask op, the greedy next block; rows with ``modulated`` false run unmodulated."""
+    specs_in, specs_out = names.denoiser_step_io(c, max_context)
     x = _inputs(g, specs_in)
     out_specs = {s.name: s for s in specs_out}
     g.scope = "denoiser.time"
-    t_emb = time_embedding(g, c, w, x["t"]) if graph != names.MOCK_AR_STEP else None
+    t_emb = time_embedding(g, c, w, x["t"])
     hidden = g.op("Gather", g.weight("denoiser_tower.embeddings.weight",
                                      w("denoiser_tower.embeddings.weight")), x["block_ids"])
     for i, kind in enumerate(c.layer_types):
@@ -108,15 +119,11 @@ def denoiser_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_cont
         def norm(v: Value) -> Value:
             return rms_norm(g, v, norm_w, prefix + "norm.weight", c.layer_norm_epsilon)
 
-        gate = None
-        if t_emb is None:
-            h = norm(hidden)
-        else:
-            table = g.weight(f"scale_shift_tables.{i}", w(f"scale_shift_tables.{i}"))
-            shift, scale, gate = g.op("Split", g.op("Add", t_emb, table), axis=1, outputs=3,
-                                      num_outputs=3)
-            h = (norm(modulate(g, hidden, shift, scale)) if kind in (MAMBA, ATTENTION)
-                 else modulate(g, norm(hidden), shift, scale))
+        table = g.weight(f"scale_shift_tables.{i}", w(f"scale_shift_tables.{i}"))
+        shift, scale, gate = adaln_switch(g, x["modulated"], *g.op(
+            "Split", g.op("Add", t_emb, table), axis=1, outputs=3, num_outputs=3))
+        h = (norm(modulate(g, hidden, shift, scale)) if kind in (MAMBA, ATTENTION)
+             else modulate(g, norm(hidden), shift, scale))
         if kind == MAMBA:
             h, _, _ = mamba_mixer(g, c, w, prefix + "mixer.", h, x[names.conv_state(i)],
                                   x[names.ssm_state(i)])
@@ -126,15 +133,13 @@ def denoiser_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_cont
                                 lowering)
         else:
             h = _mixer_ffn(g, c, w, prefix + "mixer.", kind, h)
-        hidden = g.op("Add", hidden, h if gate is None else g.op("Mul", gate, h))
+        hidden = g.op("Add", hidden, g.op("Mul", gate, h))
         on_layer(i)
     g.scope = "denoiser.head"
     hidden = rms_norm(g, hidden, w("denoiser_tower.norm_f.weight"),
                       "denoiser_tower.norm_f.weight", c.layer_norm_epsilon)
     logits = cast_float(g, linear(g, hidden, w("lm_head.weight"), "lm_head.weight"))
-    if graph != names.DENOISER_UNMASK_STEP:
-        g.output(logits, out_specs["logits"])
-        return
+    g.output(logits, out_specs["logits"])
     if lowering == PLUGIN:
         nxt, conf, count = g.op("ConfidenceUnmask", logits, x["block_ids"],
                                 x["confidence_threshold"], x["steps_left"], outputs=3,
@@ -151,7 +156,8 @@ def denoiser_step_graph(g: GraphBuilder, c: TwoTowerConfig, w: Weights, max_cont
 def confidence_unmask(g: GraphBuilder, logits: Value, block: Value, threshold: Value,
                       steps_left: Value, mask_token_id: int, vocab: int
                       ) -> tuple[Value, Value, Value]:
-    """The greedy commit rule of ``policy.commit_step`` in standard ONNX ops."""
+    """The greedy commit rule of ``policy.commit_step`` in standard ONNX ops, with γ and the
+    steps left per row ([B])."""
     is_mask_column = np.zeros(vocab, dtype=bool)
     is_mask_column[mask_token_id] = True
     masked_logits = g.op("Where", g.const(is_mask_column, "bool"), g.const(MASK_LOGIT), logits)
@@ -167,7 +173,8 @@ def confidence_unmask(g: GraphBuilder, logits: Value, block: Value, threshold: V
         return g.op("ReduceSum", g.op("Cast", flags, to=7), g.const([-1], INT64), keepdims=0)
 
     n = count(masked)
-    above = g.op("Max", count(g.op("And", g.op("Greater", conf, threshold), masked)),
+    row_threshold = unsqueeze(g, threshold, [1])                              # [B, 1]
+    above = g.op("Max", count(g.op("And", g.op("Greater", conf, row_threshold), masked)),
                  g.const(1, INT64))
     steps = g.op("Max", steps_left, g.const(1, INT64))
     min_commit = g.op("Div", g.op("Sub", g.op("Add", n, steps), g.const(1, INT64)), steps)

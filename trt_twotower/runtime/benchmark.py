@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from ..policy import GenerationSettings
-from .backends import OpenBackend
+from .executor import OpenBackend
 from .session import Request, TwoTowerSession
 
 

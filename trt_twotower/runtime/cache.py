@@ -11,10 +11,11 @@ import torch
 
 from .. import names
 from ..config import TwoTowerConfig
+from ..errors import TwoTowerError
 from ..names import FLOAT32, MODEL
 
 
-class CacheFullError(RuntimeError):
+class CacheFullError(TwoTowerError, RuntimeError):
     """A request would write past the cache's preallocated length."""
 
 
@@ -74,6 +75,15 @@ class StepCache:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         return StepCache({n: t.index_select(0, index) for n, t in self.tensors.items()},
                          self.lengths.index_select(0, index), self.max_context)
+
+    def to(self, device: torch.device | str) -> "StepCache":
+        """This cache on ``device`` (itself when it is there already): what a denoiser on
+        another GPU reads, since an executor refuses tensors of a device it does not run on."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        return StepCache({n: t.to(device) for n, t in self.tensors.items()},
+                         self.lengths.to(device), self.max_context)
 
     def row(self, r: int) -> "StepCache":
         """A view of one row: writes through it land in this cache."""

@@ -4,10 +4,13 @@ the context executor writes the cache it is given, the denoiser executor only re
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Optional, Protocol
 
 import torch
 
+from ..config import TwoTowerConfig
+from ..errors import TwoTowerError
 from .cache import StepCache
 
 
@@ -33,5 +36,20 @@ class DenoiserExecutor(Protocol):
         ...
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(TwoTowerError, RuntimeError):
     """The requested backend cannot run on this machine (say what is missing)."""
+
+
+@dataclass
+class OpenBackend:
+    """A backend opened by name (``runtime.backends``): its two executors (None for a tower a
+    process does not host) and what the session needs to drive them."""
+
+    name: str
+    context: Optional[ContextExecutor]
+    denoiser: Optional[DenoiserExecutor]
+    config: TwoTowerConfig
+    tokenizer: Any
+    max_context: int
+    dtype: torch.dtype = torch.float32
+    fused_unmask: bool = False

@@ -37,7 +37,8 @@ def register() -> str:
     def confidence_unmask(logits, block, threshold, steps_left, **attrs):  # noqa: ANN001
         nxt, conf, count = fused_ops.confidence_unmask(
             torch.from_numpy(np.ascontiguousarray(logits)), torch.from_numpy(block),
-            int(attrs["mask_token_id"]), float(threshold), int(steps_left))
+            int(attrs["mask_token_id"]), torch.from_numpy(np.asarray(threshold)),
+            torch.from_numpy(np.asarray(steps_left)))
         return nxt.numpy(), conf.numpy(), count.numpy()
 
     _REGISTERED = True

@@ -15,6 +15,7 @@ from .. import names
 from ..config import TwoTowerConfig
 from .cache import StepCache
 from .executor import BackendUnavailable
+from .feeds import context_feeds, denoiser_feeds
 
 
 def _session(path: Path, plugin_ops: bool):
@@ -27,10 +28,25 @@ def _session(path: Path, plugin_ops: bool):
         raise FileNotFoundError(f"no graph at {path}; run `trt-twotower convert` first")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # TensorScatter's "copying past cache" notice is expected
+    # ONNX Runtime fuses a blocked int4 DequantizeLinear → MatMul into MatMulNBits, whose
+    # default accuracy level (4) rounds the activations to int8; level 1 computes in fp32, as
+    # the graph says (docs/quantization.md). Graphs without int4 weights are unaffected.
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if plugin_ops:
         from .ort_custom_ops import register
         options.register_custom_ops_library(register())
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    from onnxruntime.capi import onnxruntime_pybind11_state as failed
+
+    from ..manifest import ManifestError
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except (failed.Fail, failed.InvalidGraph, failed.InvalidProtobuf, failed.NoSuchFile,
+            failed.RuntimeException) as err:
+        # A truncated or garbled graph or .onnx.data fails deep inside ONNX Runtime.
+        cause = str(err).strip().splitlines()[0].rstrip(".")
+        raise ManifestError(f"ONNX Runtime cannot load {path} with its external data: {cause}; "
+                            "the files are truncated or corrupt: run `trt-twotower convert` "
+                            "again") from None
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -55,10 +71,6 @@ class _GraphRunner:
                 zip(self.output_names, outs)}
 
 
-def _cache_feeds(cache: StepCache) -> dict[str, torch.Tensor]:
-    return {"past_length": cache.lengths, **cache.tensors}
-
-
 class OrtContextExecutor:
     def __init__(self, graph_dir: Path, config: TwoTowerConfig, plugin_ops: bool = False) -> None:
         self.config = config
@@ -67,7 +79,7 @@ class OrtContextExecutor:
 
     def context_step(self, input_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
         cache.check_room(input_ids.shape[1])
-        out = self.run({"input_ids": input_ids.to(torch.int64), **_cache_feeds(cache)})
+        out = self.run(context_feeds(input_ids, cache))
         c = self.config
         for i in c.attention_layers:
             cache.tensors[names.past_key(i)].copy_(out[names.present_key(i)])
@@ -80,31 +92,26 @@ class OrtContextExecutor:
 
 
 class OrtDenoiserExecutor:
+    """The denoiser tower's one graph: block steps, the fused unmask step and mock-AR are its
+    outputs and its ``modulated`` input (``names.denoiser_step_io``)."""
+
     def __init__(self, graph_dir: Path, config: TwoTowerConfig, plugin_ops: bool = False) -> None:
         self.config = config
         self.device = torch.device("cpu")
-        graph_dir = Path(graph_dir)
-        self.step = _GraphRunner(graph_dir / f"{names.DENOISER_STEP}.onnx", plugin_ops)
-        self.mock_ar = _GraphRunner(graph_dir / f"{names.MOCK_AR_STEP}.onnx", plugin_ops)
-        self.unmask = _GraphRunner(graph_dir / f"{names.DENOISER_UNMASK_STEP}.onnx", plugin_ops)
+        self.run = _GraphRunner(Path(graph_dir) / f"{names.DENOISER_STEP}.onnx", plugin_ops)
 
     def denoiser_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache
                       ) -> torch.Tensor:
-        return self.step({"block_ids": block_ids.to(torch.int64), "t": t.float(),
-                          **_cache_feeds(cache)})["logits"]
+        return self.run(denoiser_feeds(block_ids, t, True, cache))["logits"]
 
     def mock_ar_step(self, token_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
-        logits = self.mock_ar({"block_ids": token_ids.to(torch.int64),
-                               **_cache_feeds(cache)})["logits"]
-        return logits[:, -1]
+        t = torch.zeros(token_ids.shape[0])
+        return self.run(denoiser_feeds(token_ids, t, False, cache))["logits"][:, -1]
 
     def denoiser_unmask_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache,
-                             threshold: float, steps_left: int
+                             threshold: float | torch.Tensor, steps_left: int | torch.Tensor
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The fused greedy step: (next block, confidences, masked count) without the logits
-        ever leaving the graph."""
-        out = self.unmask({"block_ids": block_ids.to(torch.int64), "t": t.float(),
-                           "confidence_threshold": torch.tensor(threshold, dtype=torch.float32),
-                           "steps_left": torch.tensor(steps_left, dtype=torch.int64),
-                           **_cache_feeds(cache)})
+        """The fused greedy step: (next block, confidences, masked count)."""
+        out = self.run(denoiser_feeds(block_ids, t, True, cache, threshold, steps_left))
         return out["next_block"], out["confidence"], out["masked_count"]
+

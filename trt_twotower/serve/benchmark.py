@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..policy import GenerationSettings
-from ..runtime.backends import OpenBackend
+from ..runtime.executor import OpenBackend
 from ..runtime.benchmark import format_table
 from ..runtime.session import Request, TwoTowerSession
 

@@ -60,8 +60,8 @@ def source_config(source: str, backend: str) -> TwoTowerConfig:
     from ..reference.sources import BUILTIN_PRESET, builtin_checkpoint
 
     if backend != "torch":
-        from ..export.convert import load_manifest
-        return TwoTowerConfig.from_dict(load_manifest(Path(source))["config"])
+        from ..manifest import Manifest
+        return Manifest.load(Path(source)).config
     if source.startswith("preset:"):
         return preset(source.split(":", 1)[1])
     directory = builtin_checkpoint() if source == "builtin" else Path(source)
