@@ -24,7 +24,10 @@ def cast_model(g: GraphBuilder, x: Value) -> Value:
 
 def linear(g: GraphBuilder, x: Value, weight: torch.Tensor, name: str,
            bias: torch.Tensor | None = None) -> Value:
-    """x @ Wᵀ (+ b); the transposed weight is stored so the graph needs no Transpose."""
+    """x @ Wᵀ (+ b); the transposed weight is stored so the graph needs no Transpose. A weight
+    the export quantises goes through its Q/DQ (``g.quantizer``)."""
+    if g.quantizer is not None and g.quantizer.covers(name):
+        return g.quantizer.linear(g, x, weight, name, bias)
     y = g.op("MatMul", x, g.weight(name, weight.t()), hint="linear")
     if bias is not None:
         y = g.op("Add", y, g.weight(name.replace(".weight", ".bias"), bias))

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..config import TwoTowerConfig
+from ..errors import TwoTowerError
 from ..names import INT64
 from .common import cast_float, cast_model, linear, reshape
 from .graph import GraphBuilder, Value
@@ -24,7 +25,7 @@ from .graph import GraphBuilder, Value
 Weights = Callable[[str], torch.Tensor]
 
 
-class ExportError(ValueError):
+class ExportError(TwoTowerError, ValueError):
     """A configuration or request the exporter cannot turn into a graph."""
 
 
@@ -54,13 +55,9 @@ def moe(g: GraphBuilder, c: TwoTowerConfig, w: Weights, prefix: str, h: Value) -
     weights = g.op("Mul", weights, g.const(c.routed_scaling_factor))
     dense = g.op("ScatterElements", g.op("Mul", scores, g.const(0.0)), chosen, weights, axis=1)
 
-    up = torch.stack([w(prefix + f"experts.{e}.up_proj.weight").t()
-                      for e in range(c.n_routed_experts)])                   # [E, hidden, I]
-    down = torch.stack([w(prefix + f"experts.{e}.down_proj.weight").t()
-                        for e in range(c.n_routed_experts)])                 # [E, I, hidden]
-    inner = g.op("Relu", g.op("MatMul", x, g.weight(prefix + "experts.up_proj", up)))
-    expert_out = g.op("MatMul", g.op("Mul", inner, inner),
-                      g.weight(prefix + "experts.down_proj", down))          # [E, N, hidden]
+    inner = g.op("Relu", _experts_matmul(g, c, w, prefix, "up_proj", x))      # [E, N, I]
+    expert_out = _experts_matmul(g, c, w, prefix, "down_proj",
+                                 g.op("Mul", inner, inner))                  # [E, N, hidden]
     per_expert = g.op("Unsqueeze", g.op("Transpose", dense, perm=[1, 0]), g.const([2], INT64))
     routed = g.op("ReduceSum", g.op("Mul", cast_float(g, expert_out), per_expert),
                   g.const([0], INT64), keepdims=0)
@@ -68,3 +65,15 @@ def moe(g: GraphBuilder, c: TwoTowerConfig, w: Weights, prefix: str, h: Value) -
     if c.n_shared_experts:
         out = g.op("Add", out, mlp(g, c, w, prefix + "shared_experts.", x))
     return g.op("Reshape", out, g.op("Shape", h))
+
+
+def _experts_matmul(g: GraphBuilder, c: TwoTowerConfig, w: Weights, prefix: str, proj: str,
+                    x: Value) -> Value:
+    """x @ W_eᵀ for every routed expert e as one batched MatMul over the stacked [E, in, out]
+    weights (through their Q/DQ where the export quantises the experts)."""
+    names = [prefix + f"experts.{e}.{proj}.weight" for e in range(c.n_routed_experts)]
+    if g.quantizer is not None and g.quantizer.covers(names[0]):
+        return g.quantizer.stacked_matmul(g, x, [w(n) for n in names], names,
+                                          prefix + f"experts.{proj}")
+    stacked = torch.stack([w(n).t() for n in names])
+    return g.op("MatMul", x, g.weight(prefix + f"experts.{proj}", stacked))
