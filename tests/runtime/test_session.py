@@ -60,24 +60,24 @@ def _expected_block_bytes(config, tokens):
 def test_mirror_equals_context_cache_and_moves_one_block_per_commit(tiny_model, rng):
     config = tiny_model.config
     session = _session(tiny_model)
+    scheduler = session.scheduler
     seen = []
-    original = session._sync_mirror
+    original = scheduler._mirror
 
-    def checked_sync(batch, previous):
-        before = [batch.results[r].stats.handoff_bytes for r in batch.rows]
-        original(batch, previous)
-        src, dst = batch.context_cache, batch.mirror
+    def checked_mirror(slot, old):
+        moved = original(slot, old)
+        src, dst = scheduler.pool.context, scheduler.pool.mirror
         for name, t in src.tensors.items():
-            assert torch.equal(t, dst.tensors[name]), name
-        assert torch.equal(src.lengths, dst.lengths)
-        seen.append([batch.results[r].stats.handoff_bytes - b for r, b in zip(batch.rows, before)])
+            assert torch.equal(t[slot], dst.tensors[name][slot]), name
+        assert src.lengths[slot] == dst.lengths[slot]
+        seen.append(moved)
+        return moved
 
-    session._sync_mirror = checked_sync
+    scheduler._mirror = checked_mirror
     s = GenerationSettings(max_new_tokens=24, block_size=8, steps_per_block=8, stop_at_eos=False)
     session.generate([Request(p, s) for p in _prompts(tiny_model, rng, (5, 2))])
-    assert seen[0] == [_expected_block_bytes(config, 5), _expected_block_bytes(config, 2)]
-    for moved in seen[1:]:
-        assert moved == [_expected_block_bytes(config, 8)] * 2
+    assert seen[:2] == [_expected_block_bytes(config, 5), _expected_block_bytes(config, 2)]
+    assert seen[2:] == [_expected_block_bytes(config, 8)] * 4  # two commits of two rows
 
 
 def test_streaming_yields_blocks_in_order_that_concatenate_to_the_result(tiny_model, rng):
@@ -93,19 +93,21 @@ def test_cancellation_stops_a_request_and_frees_its_rows(tiny_model, rng):
     s = GenerationSettings(max_new_tokens=32, block_size=8, steps_per_block=8, stop_at_eos=False)
     session = _session(tiny_model)
     batches = []
-    original = session._context_step
+    original = session.scheduler._context_step
 
-    def spy(batch, ids, mirror, phase="commit_seconds"):
-        batches.append(batch.context_cache.batch)
-        return original(batch, ids, mirror, phase)
+    def spy(rows, ids, phase, keep_previous=False):
+        if phase == "commit_seconds":
+            batches.append(len(rows))
+        return original(rows, ids, phase, keep_previous)
 
-    session._context_step = spy
+    session.scheduler._context_step = spy
     prompts = _prompts(tiny_model, rng, (4, 4))
     results = session.generate([Request(prompts[0], s, lambda ids: False),
                                 Request(prompts[1], s)])
     assert results[0].cancelled and len(results[0].tokens) == 8
     assert not results[1].cancelled and len(results[1].tokens) == 32
     assert batches == [1, 1, 1]  # after the first block only the live row is extended
+    assert len(session.scheduler.pool.free) == session.scheduler.limits.capacity
     alone = _session(tiny_model).generate([Request(prompts[1], s)])[0]
     assert alone.tokens == results[1].tokens
 

@@ -1,0 +1,171 @@
+"""The step loop behind the in-process engine: requests of every mode and setting share rounds
+and still produce their solo tokens; a request arriving mid-batch joins within a round; the
+waiting queue is bounded; cancellation, timeouts and failures free slots at once."""
+
+import threading
+
+import pytest
+import torch
+
+from trt_twotower.policy import GenerationSettings
+from trt_twotower.runtime.scheduler import SchedulerLimits
+from trt_twotower.runtime.session import Request, SessionBusy, TwoTowerSession
+from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoiserExecutor
+
+MAX_CONTEXT = 64
+
+
+def _session(model, **kw):
+    return TwoTowerSession(TorchContextExecutor(model), TorchDenoiserExecutor(model),
+                           model.config, MAX_CONTEXT, **kw)
+
+
+def _mixed_requests(config, count, seed=0):
+    """Modes, γ, temperatures, seeds, prompt lengths and budgets all drawn per request."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    requests = []
+    for i in range(count):
+        mode = pick(["diffusion", "mock-ar", "ar"])
+        budget = pick([4, 8, 12]) if mode == "diffusion" else pick([3, 6, 9])
+        settings = GenerationSettings(
+            mode=mode, max_new_tokens=budget, block_size=4, steps_per_block=pick([2, 4]),
+            confidence_threshold=pick([0.3, 0.8, 0.95]), temperature=pick([0.0, 0.9]),
+            seed=i, stop_at_eos=False)
+        prompt = torch.randint(4, config.vocab_size, (pick([1, 3, 7, 12]),),
+                               generator=gen).tolist()
+        requests.append(Request(prompt, settings))
+    return requests
+
+
+def test_mixed_requests_submitted_from_many_threads_produce_their_solo_tokens(tiny_model):
+    requests = _mixed_requests(tiny_model.config, 64)
+    assert {r.settings.mode for r in requests} == {"diffusion", "mock-ar", "ar"}
+    session = _session(tiny_model)
+    handles = [None] * len(requests)
+
+    def submit(i):
+        handles[i] = session.submit(requests[i])
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    together = [h.result(timeout=120) for h in handles]
+    solo_session = _session(tiny_model)
+    for request, result in zip(requests, together):
+        alone = solo_session.generate([request])[0]
+        assert result.tokens == alone.tokens, request.settings
+        assert len(result.tokens) == request.settings.max_new_tokens
+        assert result.stats.denoiser_evals == alone.stats.denoiser_evals
+    assert session.scheduler.rounds < sum(len(r.tokens) for r in together), \
+        "rows of different requests must share rounds"
+
+
+def test_a_request_arriving_mid_batch_joins_within_one_round(tiny_model):
+    session = _session(tiny_model)
+    started = threading.Event()
+    long = session.submit(Request([5, 6, 7], GenerationSettings(
+        mode="ar", max_new_tokens=48, stop_at_eos=False), lambda ids: started.set()))
+    assert started.wait(30)
+    admitted = {}
+    original_add = session.scheduler.add
+
+    def recording_add(request):
+        admitted[id(request)] = session.scheduler.rounds
+        return original_add(request)
+    session.scheduler.add = recording_add
+    short_request = Request([9, 10], GenerationSettings(max_new_tokens=4, block_size=4,
+                                                        steps_per_block=4, stop_at_eos=False))
+    submitted_at = session.scheduler.rounds
+    short = session.submit(short_request)
+    short.result(timeout=30)
+    assert not long.done, "the short request must not wait for the long one to finish"
+    assert admitted[id(short_request)] <= submitted_at + 1
+    assert len(long.result(timeout=60).tokens) == 48
+
+
+def test_a_full_waiting_queue_refuses_with_a_busy_error(tiny_model):
+    session = _session(tiny_model, limits=SchedulerLimits(capacity=1), max_waiting=2)
+    long = GenerationSettings(mode="ar", max_new_tokens=60, stop_at_eos=False)
+    running = threading.Event()
+    handles = [session.submit(Request([5], long, lambda ids: running.set()))]
+    assert running.wait(30)  # the first holds the only slot; two more may wait
+    handles += [session.submit(Request([5], long)) for _ in range(2)]
+    with pytest.raises(SessionBusy, match="waiting"):
+        session.submit(Request([5], long))
+    for handle in handles:
+        handle.cancel()
+    assert all(h.result(timeout=30).cancelled for h in handles)
+    assert session.scheduler.pool.free == [0]
+
+
+def test_cancel_and_timeout_free_the_slot_within_one_round(tiny_model):
+    session = _session(tiny_model)
+    first = threading.Event()
+    settings = GenerationSettings(mode="ar", max_new_tokens=60, stop_at_eos=False)
+    handle = session.submit(Request([5, 6], settings, lambda ids: first.set()))
+    assert first.wait(30)
+    cancelled_at = session.scheduler.rounds
+    handle.cancel()
+    result = handle.result(timeout=30)
+    assert result.cancelled and len(result.tokens) < 60
+    assert session.scheduler.rounds <= cancelled_at + 2  # the round in flight, then one
+    timed = session.submit(Request([5, 6], settings), timeout=0.0)
+    assert timed.result(timeout=30).cancelled and timed.timed_out
+    capacity = session.scheduler.limits.capacity
+    assert len(session.scheduler.pool.free) == capacity
+
+
+def test_streaming_yields_each_block_as_it_lands(tiny_model):
+    session = _session(tiny_model)
+    s = GenerationSettings(max_new_tokens=12, block_size=4, steps_per_block=4,
+                           stop_at_eos=False)
+    blocks = list(session.stream([5, 6, 7], s))
+    assert [len(b) for b in blocks] == [4, 4, 4]
+    assert sum(blocks, []) == session.generate([Request([5, 6, 7], s)])[0].tokens
+
+
+class _FailingDenoiser(TorchDenoiserExecutor):
+    def __init__(self, model):
+        super().__init__(model)
+        self.fail = True
+
+    def denoiser_step(self, block_ids, t, cache):
+        if self.fail:
+            raise RuntimeError("the denoiser device fell over")
+        return super().denoiser_step(block_ids, t, cache)
+
+
+def test_an_executor_failure_reaches_its_requests_and_the_loop_goes_on(tiny_model):
+    denoiser = _FailingDenoiser(tiny_model)
+    session = TwoTowerSession(TorchContextExecutor(tiny_model), denoiser, tiny_model.config,
+                              MAX_CONTEXT)
+    s = GenerationSettings(max_new_tokens=4, block_size=4, steps_per_block=4,
+                           stop_at_eos=False)
+    handle = session.submit(Request([5, 6], s))
+    with pytest.raises(RuntimeError, match="fell over"):
+        handle.result(timeout=30)
+    denoiser.fail = False
+    again = session.generate([Request([5, 6], s)])[0]
+    assert again.tokens == _session(tiny_model).generate([Request([5, 6], s)])[0].tokens
+    assert len(session.scheduler.pool.free) == session.scheduler.limits.capacity
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_go_on(tiny_model):
+    """With a prompt-token budget of 4 per round, a 40-token prompt takes 10 rounds, and a
+    short AR request admitted with it produces a token in each of them."""
+    session = _session(tiny_model, limits=SchedulerLimits(prefill_tokens=4))
+    tokens_at_round = []
+    scheduler = session.scheduler
+    short = Request([5], GenerationSettings(mode="ar", max_new_tokens=8, stop_at_eos=False),
+                    lambda ids: tokens_at_round.append(scheduler.rounds))
+    long = Request(list(range(4, 44)), GenerationSettings(mode="ar", max_new_tokens=2,
+                                                          stop_at_eos=False))
+    results = session.generate([short, long])
+    assert len(results[0].tokens) == 8 and len(results[1].tokens) == 2
+    assert tokens_at_round == list(range(tokens_at_round[0], tokens_at_round[0] + 8))
+    assert results[0].tokens == _session(tiny_model).generate([short])[0].tokens
