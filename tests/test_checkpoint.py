@@ -182,6 +182,27 @@ def test_unwritable_output_directory(tmp_path):
         write_checkpoint(blocker / "ckpt", preset("tiny"), {})
 
 
+def test_rewriting_a_sharded_checkpoint_as_one_file_leaves_no_stale_index(tmp_path):
+    """The index of the first write would win over the second write's single file."""
+    save_model(random_model(preset("tiny"), seed=4), tmp_path, max_shard_bytes=200_000)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    second = random_model(preset("tiny"), seed=5)
+    save_model(second, tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+    loaded = load_model(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[n], t) for n, t in second.state_dict().items())
+
+
+def test_resharding_leaves_only_the_new_shards(tmp_path):
+    model = random_model(preset("tiny"), seed=6)
+    save_model(model, tmp_path, max_shard_bytes=100_000)
+    first = set(tmp_path.glob("model-*.safetensors"))
+    save_model(model, tmp_path, max_shard_bytes=400_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = {p.name for p in tmp_path.glob("model-*.safetensors")}
+    assert shards == set(index["weight_map"].values()) and len(shards) < len(first)
+
+
 def test_reads_are_lazy_per_tensor(checkpoint, monkeypatch):
     reader = CheckpointReader(checkpoint)
     opened = []

@@ -19,16 +19,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import TwoTowerConfig
+from .errors import TwoTowerError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SHARD_PATTERN = "model-?????-of-?????.safetensors"  # the shard names write_checkpoint gives
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # The remote code renames ``embedding.`` to ``embeddings.`` on load (spec §3): accept both.
 ALIASES = {".embeddings.weight": ".embedding.weight"}
 DIGEST_SAMPLES, DIGEST_WINDOW = 16, 64 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TwoTowerError, ValueError):
     """A checkpoint directory that cannot be read as a TwoTower checkpoint."""
 
 
@@ -137,8 +139,16 @@ class CheckpointReader:
     def read_tower(self, prefixes: Sequence[str], expected: Mapping[str, tuple[int, ...]],
                    dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu"
                    ) -> dict[str, torch.Tensor]:
-        """Exactly the ``expected`` tensors under ``prefixes``; any missing, unexpected or
-        mis-shaped tensor is an error that lists them by name."""
+        """Exactly the ``expected`` tensors under ``prefixes`` (see ``check_tower``)."""
+        self.check_tower(prefixes, expected)
+        return {name: self.read(name, dtype).to(device) for name in expected}
+
+    def check_tower(self, prefixes: Sequence[str], expected: Mapping[str, tuple[int, ...]]
+                    ) -> None:
+        """Refuse, from the headers alone, a checkpoint whose tensors under ``prefixes`` are
+        not exactly ``expected``: any missing, unexpected or mis-shaped tensor is an error
+        that lists them by name, where reading them one by one would broadcast a wrong shape
+        into a wrong model."""
         present = {n for n in self._files if n.startswith(tuple(prefixes))}
         canonical = {self._canonical(n) for n in present}
         missing = sorted(set(expected) - canonical)
@@ -157,7 +167,6 @@ class CheckpointReader:
         if problems:
             raise CheckpointError(f"{self.directory} does not match its config: "
                                   + "; ".join(problems))
-        return {name: self.read(name, dtype).to(device) for name in expected}
 
     @staticmethod
     def _canonical(name: str) -> str:
@@ -195,19 +204,32 @@ class CheckpointReader:
 def write_checkpoint(directory: str | Path, config: TwoTowerConfig,
                      tensors: Mapping[str, torch.Tensor],
                      max_shard_bytes: Optional[int] = None) -> Path:
-    """config.json + model.safetensors, or HF-style shards and an index past max_shard_bytes."""
+    """config.json + model.safetensors, or HF-style shards and an index past max_shard_bytes.
+    The weights of an earlier write to the same directory are removed first: a stale index
+    would win over a new single file, and stale shards would be read as current."""
     directory = Path(directory)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        for path in (directory / SINGLE_FILE, directory / INDEX_FILE,
+                     *directory.glob(SHARD_PATTERN)):
+            path.unlink(missing_ok=True)
         config.save(directory)
-    except OSError as err:
+        _write_weights(directory, tensors, max_shard_bytes)
+    except (OSError, SafetensorError) as err:
         raise CheckpointError(f"cannot write a checkpoint to {directory}: "
-                              f"{err.strerror or err}") from err
-    tensors = {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+                              f"{getattr(err, 'strerror', None) or err}") from err
+    return directory
+
+
+def _write_weights(directory: Path, tensors: Mapping[str, torch.Tensor],
+                   max_shard_bytes: Optional[int]) -> None:
+    """One file, or shards of at most max_shard_bytes and the index that maps each tensor to
+    its shard (the released checkpoint's layout)."""
     shards = list(_shards(tensors, max_shard_bytes))
     if len(shards) == 1:
         save_file(shards[0], str(directory / SINGLE_FILE), metadata={"format": "pt"})
-        return directory
+        return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -217,7 +239,6 @@ def write_checkpoint(directory: str | Path, config: TwoTowerConfig,
     (directory / INDEX_FILE).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))},
         indent=2) + "\n")
-    return directory
 
 
 def _shards(tensors: Mapping[str, torch.Tensor], max_bytes: Optional[int]

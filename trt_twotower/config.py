@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import TwoTowerError
+
 # Pattern characters and the two spellings of layer types (spec §2.1).
 MAMBA, ATTENTION, MOE, MLP = "M", "*", "E", "-"
 LAYER_TYPE_SPELLINGS = {
@@ -28,7 +30,7 @@ LAYER_TYPE_SPELLINGS = {
 NEWER_SPELLING = {MAMBA: "linear_attention", ATTENTION: "full_attention", MOE: "moe", MLP: "mlp"}
 
 
-class ConfigError(ValueError):
+class ConfigError(TwoTowerError, ValueError):
     """A config.json that does not describe a TwoTower model we can run."""
 
 
@@ -163,7 +165,7 @@ class TwoTowerConfig:
             raise ConfigError(f"no config.json at {path}")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid JSON: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")

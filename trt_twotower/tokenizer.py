@@ -9,13 +9,15 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .errors import TwoTowerError
+
 TOKENIZER_FILE = "tokenizer.json"
 BUILTIN_TOKENIZER = Path(__file__).resolve().parent / "builtin" / TOKENIZER_FILE
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<mask>")   # ids 0, 1, 2, 3 (spec §1, mask id 3)
 PAD_ID, BOS_ID, EOS_ID, MASK_ID = range(4)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(TwoTowerError, ValueError):
     """A tokenizer file that is missing, unreadable or lacks the TwoTower special tokens."""
 
 

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from ..policy import GenerationSettings
+from ..policy import GenerationError, GenerationSettings
 from ..runtime.backends import BACKENDS
-from .options import dtype_option, model_source_options
+from .options import (INT32_COUNT, SEED, Device, NumberList, created_dir, dtype_option,
+                      model_source_options)
+
+COUNTS = NumberList(int, 1, 2**31 - 1)
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+def check_settings(thresholds: tuple[float, ...], block_sizes: tuple[int, ...],
+                   steps: tuple[int, ...], forced: tuple[int, ...], max_new_tokens: int) -> None:
+    """Every diffusion setting of the sweep can run, checked before the model loads: a bad
+    combination would otherwise fail after the sweep's first cases have run."""
+    try:
+        for size, t in itertools.product(block_sizes, steps):
+            for gamma in thresholds:
+                GenerationSettings(max_new_tokens=max_new_tokens, block_size=size,
+                                   steps_per_block=t, confidence_threshold=gamma)
+            for k in forced:
+                GenerationSettings(max_new_tokens=max_new_tokens, block_size=size,
+                                   steps_per_block=t, forced_commits=k)
+    except GenerationError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
@@ -43,31 +55,33 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--backend", type=click.Choice(BACKENDS[:2]), default="torch", show_default=True)
 @click.option("--build-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="onnxruntime: converted graphs (default: convert into a temporary dir).")
-@click.option("--thresholds", default="0.5,0.7,0.8,0.9,0.95", show_default=True,
-              help="Confidence thresholds γ to sweep (comma-separated).")
-@click.option("--block-sizes", default="16", show_default=True)
-@click.option("--steps-per-block", "steps", default="16", show_default=True)
-@click.option("--batch-sizes", default="1,4", show_default=True)
-@click.option("--forced-commits", default="", help="Also run diffusion committing exactly K "
-              "tokens per denoiser step, for each K (comma-separated).")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--prompt-length", type=int, default=32, show_default=True)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--thresholds", type=NumberList(float, 0.0, 1.0), default="0.5,0.7,0.8,0.9,0.95",
+              show_default=True, help="Confidence thresholds γ to sweep (comma-separated).")
+@click.option("--block-sizes", type=COUNTS, default="16", show_default=True)
+@click.option("--steps-per-block", "steps", type=COUNTS, default="16", show_default=True)
+@click.option("--batch-sizes", type=COUNTS, default="1,4", show_default=True)
+@click.option("--forced-commits", type=NumberList(int, 1, 2**31 - 1, allow_empty=True),
+              default="", help="Also run diffusion committing exactly K tokens per denoiser "
+              "step, for each K (comma-separated).")
+@click.option("--max-new-tokens", type=INT32_COUNT, default=64, show_default=True)
+@click.option("--prompt-length", type=INT32_COUNT, default=32, show_default=True)
+@click.option("--device", type=Device(), default="cpu", show_default=True)
 @dtype_option()
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--serve", is_flag=True, help="Instead: Triton (real tritonserver, gRPC "
               "streaming clients) against the in-process session, per client count; uses the "
               "first threshold, block size and step count.")
-@click.option("--clients", default="1,4,16,64", show_default=True,
+@click.option("--clients", type=COUNTS, default="1,4,16,64", show_default=True,
               help="--serve: numbers of concurrent clients.")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True,
               help="Folder for bench.csv and bench.png.")
 def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
-                  build_dir: Optional[Path], thresholds: str, block_sizes: str, steps: str,
-                  batch_sizes: str, forced_commits: str, max_new_tokens: int,
-                  prompt_length: int, device: str, dtype: str, seed: int, serve: bool,
-                  clients: str, out: Path) -> None:
+                  build_dir: Optional[Path], thresholds: tuple[float, ...],
+                  block_sizes: tuple[int, ...], steps: tuple[int, ...],
+                  batch_sizes: tuple[int, ...], forced_commits: tuple[int, ...],
+                  max_new_tokens: int, prompt_length: int, device: str, dtype: str, seed: int,
+                  serve: bool, clients: tuple[int, ...], out: Path) -> None:
     """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
     block size, steps per block and batch size; distinct MoE experts per denoiser step
     (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png.
@@ -75,29 +89,30 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
     With --serve: tokens/s and time to first block through Triton over the in-process
     session, and the bytes crossing process boundaries per token; writes OUT/serve.md."""
     from ..runtime.benchmark import format_rows, plot, sweep, write_csv
-    from .generate import open_backend
+    from .generate import check_length, open_backend
 
+    check_settings(thresholds, block_sizes, steps, forced_commits, max_new_tokens)
+    created_dir(out, "--out")
     if serve:
         settings = GenerationSettings(
-            max_new_tokens=max_new_tokens, block_size=_ints(block_sizes)[0],
-            steps_per_block=_ints(steps)[0], confidence_threshold=_floats(thresholds)[0],
-            seed=seed)
+            max_new_tokens=max_new_tokens, block_size=block_sizes[0],
+            steps_per_block=steps[0], confidence_threshold=thresholds[0], seed=seed)
         return _serve_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
-                            _ints(clients), prompt_length, settings, seed, out)
-    batches = _ints(batch_sizes)
+                            list(clients), prompt_length, settings, seed, out)
+    batches = list(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
                               device, Path(scratch))
         longest = prompt_length + max_new_tokens
+        check_length(prompt_length, max_new_tokens,
+                     opened.max_context or opened.config.max_position_embeddings)
         if not opened.max_context:
             opened.max_context = longest
         pool = held_out_prompts(opened.tokenizer, max(batches), prompt_length,
                                 opened.config.vocab_size, seed)
         model = opened.context.model if backend == "torch" else None
-        rows = sweep(opened, lambda b: pool[:b], batches, _floats(thresholds),
-                     _ints(block_sizes), _ints(steps), max_new_tokens, _ints(forced_commits),
-                     model=model)
-    out.mkdir(parents=True, exist_ok=True)
+        rows = sweep(opened, lambda b: pool[:b], batches, thresholds, block_sizes, steps,
+                     max_new_tokens, forced_commits, model=model)
     click.echo(format_rows(rows))
     click.echo(f"\nwrote {write_csv(rows, out / 'bench.csv')} and {plot(rows, out / 'bench.png')}")
 
@@ -108,18 +123,19 @@ def _serve_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend
     from ..serve.benchmark import compare, format_rows
     from ..serve.repository import render, repository_values
     from ..serve.server import ServerError, TritonServer
-    from .generate import open_backend
+    from .generate import check_length, open_backend
     from .serve import served_source
 
     if device != "cpu":
         raise click.UsageError("--serve compares on the CPU here; serve GPUs with "
                                "`trt-twotower serve --context-device/--denoiser-device`")
-    out.mkdir(parents=True, exist_ok=True)
     max_context = prompt_length * 2 + settings.max_new_tokens + 64  # room for re-tokenizing
     source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
                               device, Path(scratch))
+        check_length(prompt_length, settings.max_new_tokens,
+                     opened.max_context or opened.config.max_position_embeddings)
         opened.max_context = opened.max_context or max_context
         repo = render(Path(scratch) / "repo", repository_values(
             source, backend, tokenizer_dir, "cpu", "cpu", opened.max_context,

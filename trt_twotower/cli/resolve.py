@@ -23,14 +23,29 @@ class WeightSource:
     digest: Optional[str]
 
 
+def one_source(checkpoint: Optional[Path], preset_name: Optional[str]) -> None:
+    """A checkpoint and --preset name two different models: refuse both rather than silently
+    use one of them."""
+    if checkpoint is not None and preset_name is not None:
+        raise click.UsageError(f"give a checkpoint ({checkpoint}) or --preset {preset_name}, "
+                               "not both: --preset means random weights")
+
+
 def open_weights(checkpoint: Optional[Path], preset_name: Optional[str]) -> WeightSource:
+    """The weights to convert: a checkpoint's, read lazily by name once every tensor's shape
+    is checked against its config (a wrong shape would broadcast into a wrong graph), or a
+    preset's / the built-in model's."""
     from ..checkpoint import CheckpointError, CheckpointReader
+    from ..reference.loading import TOWER_GROUPS, expected_shapes
     from ..reference.sources import open_source
     from ..tokenizer import load_tokenizer
 
+    one_source(checkpoint, preset_name)
     try:
         if checkpoint is not None:
             reader = CheckpointReader(checkpoint)
+            for tower, prefixes in TOWER_GROUPS.items():
+                reader.check_tower(prefixes, expected_shapes(reader.config, [tower]))
             return WeightSource(reader.config, reader.read, load_tokenizer(checkpoint),
                                 str(Path(checkpoint).resolve()), reader.digest())
         source = open_source(None, preset_name)
@@ -45,6 +60,24 @@ def open_weights(checkpoint: Optional[Path], preset_name: Optional[str]) -> Weig
                         else str(source.checkpoint_dir), digest)
 
 
+def model_config(source: Optional[Path], preset_name: Optional[str]
+                 ) -> tuple[TwoTowerConfig, str]:
+    """(config, name) of a checkpoint, a preset or the built-in model; never its weights, so
+    plans and checks of the released model cost nothing."""
+    from ..config import preset
+    from ..reference.sources import BUILTIN_PRESET, builtin_checkpoint
+
+    one_source(source, preset_name)
+    if preset_name is not None:
+        return preset(preset_name), f"preset {preset_name}"
+    directory = source or builtin_checkpoint()
+    if directory is None:
+        return preset(BUILTIN_PRESET), f"built-in preset {BUILTIN_PRESET}"
+    if not (directory / "config.json").is_file():
+        raise click.ClickException(f"{directory} has no config.json: it is not a checkpoint")
+    return TwoTowerConfig.load(directory), str(directory)
+
+
 def open_model_source(checkpoint: Optional[Path], preset_name: Optional[str],
                       dtype: Optional[str] = None, context_device: str = "cpu",
                       denoiser_device: Optional[str] = None):
@@ -52,6 +85,7 @@ def open_model_source(checkpoint: Optional[Path], preset_name: Optional[str],
     from ..checkpoint import CheckpointError
     from ..reference.sources import open_source
 
+    one_source(checkpoint, preset_name)
     try:
         return open_source(checkpoint, preset_name, dtype, context_device, denoiser_device)
     except (CheckpointError, ConfigError, ValueError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -10,7 +11,13 @@ from typing import Optional
 
 import click
 
+from ..config import PRESETS
 from ..policy import MODES, GenerationError, GenerationSettings
+from .options import (INT32_COUNT, SEED, Device, NumberList, PositiveNumber, created_dir,
+                      utf8_text)
+from .resolve import one_source
+
+PORT = click.IntRange(0, 65535)  # 0: any free port
 
 
 def served_source(build_dir: Optional[Path], checkpoint: Optional[Path],
@@ -18,8 +25,15 @@ def served_source(build_dir: Optional[Path], checkpoint: Optional[Path],
     """The tower models' ``source`` value and the tokenizer folder for the serve options."""
     from ..reference.sources import BUILTIN_CHECKPOINT, builtin_checkpoint
 
+    one_source(checkpoint, preset_name)
     if backend != "torch" and build_dir is None:
         raise click.UsageError(f"the {backend} backend serves a BUILD_DIR from `convert`/`build`")
+    if backend != "torch" and (checkpoint or preset_name):
+        raise click.UsageError(f"the {backend} backend serves BUILD_DIR's model: drop "
+                               "--checkpoint/--preset (they are for the torch backend)")
+    if backend == "torch" and build_dir is not None:
+        raise click.UsageError("BUILD_DIR is served by --backend onnxruntime or tensorrt; the "
+                               "torch backend serves --checkpoint, --preset or the built-in model")
     source = (str(build_dir) if backend != "torch" else
               str(checkpoint) if checkpoint else f"preset:{preset_name}" if preset_name else
               "builtin")
@@ -27,18 +41,49 @@ def served_source(build_dir: Optional[Path], checkpoint: Optional[Path],
 
 
 def served_context(build_dir: Optional[Path], backend: str, asked: Optional[int]) -> int:
-    """Graphs and engines fix the cache length: serve at most what the build holds."""
+    """Graphs and engines fix the cache length: serve at most what the build holds. The
+    tensorrt backend needs both towers' engines, checked here before a server starts."""
     if backend == "torch":
         return asked or 2048
-    from ..export.convert import ExportError, load_manifest
-    try:
-        built = int(load_manifest(build_dir)["max_context"])
-    except ExportError as err:
-        raise click.ClickException(str(err)) from None
+    from ..manifest import Manifest
+
+    manifest = Manifest.load(build_dir)
+    if backend == "tensorrt":
+        for tower in ("context", "denoiser"):
+            manifest.engine_of(tower)
+    built = manifest.max_context
     if asked is not None and asked > built:
         raise click.UsageError(f"--max-context {asked} exceeds the {built} positions "
                                f"{build_dir} was built for")
     return asked or built
+
+
+def check_address(address: str) -> None:
+    """An address this machine cannot listen on fails inside tritonserver; try it here."""
+    try:
+        family = socket.getaddrinfo(address, 0, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family) as probe:
+            probe.bind((address, 0))
+    except OSError as err:
+        raise click.BadParameter(f"cannot listen on {address}: {err.strerror or err}; use "
+                                 "127.0.0.1 or an address of this machine",
+                                 param_hint="--address") from None
+
+
+def check_ports(*ports: int) -> None:
+    """Two servers of one tritonserver on one port: refuse before starting it."""
+    chosen = [p for p in ports if p]
+    if len(set(chosen)) < len(chosen):
+        raise click.UsageError(f"--grpc-port, --http-port and --metrics-port must differ "
+                               f"(got {', '.join(map(str, ports))}); 0 picks a free port")
+
+
+def usable_work_dir(work_dir: Optional[Path]) -> Path:
+    """The work directory, created now so that a path that cannot hold the repository and log
+    is refused before anything starts (default: a new temporary one)."""
+    if work_dir is None:
+        return Path(tempfile.mkdtemp(prefix="trt-twotower-serve-"))
+    return created_dir(work_dir, "--work-dir")
 
 
 @click.command("serve")
@@ -46,53 +91,60 @@ def served_context(build_dir: Optional[Path], backend: str, asked: Optional[int]
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--checkpoint", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Serve this checkpoint with the PyTorch backend.")
-@click.option("--preset", "preset_name", help="Serve random weights of a preset.")
+@click.option("--preset", "preset_name", type=click.Choice(sorted(PRESETS)),
+              help="Serve random weights of a preset.")
 @click.option("--backend", type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
               default="torch", show_default=True,
               help="onnxruntime serves BUILD_DIR's converted graphs, tensorrt its engines.")
-@click.option("--context-device", default="cpu", show_default=True,
+@click.option("--context-device", type=Device(), default="cpu", show_default=True,
               help="cpu or cuda:N: where the context_tower model runs.")
-@click.option("--denoiser-device", default="cpu", show_default=True,
+@click.option("--denoiser-device", type=Device(), default="cpu", show_default=True,
               help="cpu or cuda:N: where the denoiser_tower model runs (cuda:1 on two GPUs).")
 @click.option("--address", default="127.0.0.1", show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--metrics-port", type=int, default=8002, show_default=True)
-@click.option("--max-context", type=int, help="Longest prompt + max_tokens served [default: "
-              "2048 for torch; the build's context length for onnxruntime and tensorrt].")
+@click.option("--grpc-port", type=PORT, default=8001, show_default=True)
+@click.option("--http-port", type=PORT, default=8000, show_default=True)
+@click.option("--metrics-port", type=PORT, default=8002, show_default=True)
+@click.option("--max-context", type=INT32_COUNT,
+              help="Longest prompt + max_tokens served [default: 2048 for torch; the build's "
+                   "context length for onnxruntime and tensorrt].")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
               default="auto", show_default=True,
               help="torch backend: weights and caches (auto = the checkpoint's).")
-@click.option("--max-tokens", type=int, default=512, show_default=True,
+@click.option("--max-tokens", type=INT32_COUNT, default=512, show_default=True,
               help="Largest max_tokens a request may ask for.")
-@click.option("--block-sizes", default="16", show_default=True,
+@click.option("--block-sizes", type=NumberList(int, 1, 2**31 - 1), default="16",
+              show_default=True,
               help="Block sizes requests may use (the denoiser was trained on 16).")
-@click.option("--capacity", type=int, default=64, show_default=True,
+@click.option("--capacity", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests served at once (each tower's sequence slots); more wait.")
-@click.option("--bls-instances", type=int, default=1, show_default=True,
+@click.option("--bls-instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Instances of the orchestrator model (each runs requests on threads).")
-@click.option("--cpu-threads", type=int, help="PyTorch threads per tower process [default: "
-              "the CPU's cores split between the towers placed on it; 0 = PyTorch's default].")
+@click.option("--cpu-threads", type=click.IntRange(min=0),
+              help="PyTorch threads per tower process [default: the CPU's cores split between "
+                   "the towers placed on it; 0 = PyTorch's default].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the rendered repository and server log go (default: temporary).")
 def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
                   preset_name: Optional[str], backend: str, context_device: str,
                   denoiser_device: str, address: str, grpc_port: int, http_port: int,
                   metrics_port: int, max_context: Optional[int], dtype: str, max_tokens: int,
-                  block_sizes: str,
+                  block_sizes: tuple[int, ...],
                   capacity: int, bls_instances: int, cpu_threads: Optional[int],
                   work_dir: Optional[Path]) -> None:
     """Render the model repository for a model and run a real tritonserver until Ctrl-C."""
     from ..serve.repository import RepositoryError, render, repository_values
     from ..serve.server import ServerError, TritonServer
 
+    check_address(address)
+    check_ports(grpc_port, http_port, metrics_port)
     source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
     max_context = served_context(build_dir, backend, max_context)
-    work = Path(work_dir or tempfile.mkdtemp(prefix="trt-twotower-serve-"))
+    work = usable_work_dir(work_dir)
     try:
         repo = render(work / "model_repository", repository_values(
             source, backend, tokenizer_dir, context_device, denoiser_device, max_context,
-            max_tokens, block_sizes, capacity, bls_instances, dtype, cpu_threads))
+            max_tokens, ",".join(map(str, block_sizes)), capacity, bls_instances, dtype,
+            cpu_threads))
         server = TritonServer(repo, work, address, grpc_port, http_port, metrics_port).start()
     except (RepositoryError, ServerError) as err:
         raise click.ClickException(str(err)) from None
@@ -109,17 +161,18 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
 
 @click.command("client")
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="gRPC endpoint.")
-@click.option("--prompt", required=True)
+@click.option("--prompt", required=True, callback=utf8_text)
 @click.option("--mode", type=click.Choice(MODES), default="diffusion", show_default=True)
-@click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--block-size", type=int, default=16, show_default=True)
-@click.option("--steps-per-block", type=int, default=16, show_default=True)
+@click.option("--max-tokens", type=INT32_COUNT, default=64, show_default=True)
+@click.option("--block-size", type=INT32_COUNT, default=16, show_default=True)
+@click.option("--steps-per-block", type=INT32_COUNT, default=16, show_default=True)
 @click.option("--confidence-threshold", type=float,
               default=GenerationSettings.confidence_threshold, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--stream", is_flag=True, help="Print each committed block as it arrives.")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--timeout", type=PositiveNumber(), default=120.0, show_default=True,
+              help="Seconds to wait for each response; the call ends within it.")
 def client_command(url: str, prompt: str, mode: str, max_tokens: int, block_size: int,
                    steps_per_block: int, confidence_threshold: float, temperature: float,
                    seed: int, stream: bool, timeout: float) -> None:
@@ -133,12 +186,17 @@ def client_command(url: str, prompt: str, mode: str, max_tokens: int, block_size
                                       temperature=temperature, seed=seed)
     except GenerationError as err:
         raise click.UsageError(str(err)) from None
-    stats = {}
+    stats: dict = {}
+    printed = False
     try:
-        click.echo(prompt, nl=False)
         for ids, text, response_stats in stream_generate(url, prompt, settings, stream, timeout):
-            click.echo(text, nl=False)
+            click.echo(text if printed else prompt + text, nl=False)
+            printed = True
             stats = response_stats or stats
-    except ClientError as err:
-        raise click.ClickException(str(err)) from None
+    except ClientError:
+        if printed:
+            click.echo()  # the error goes on a line of its own, after the partial text
+        raise
+    if not printed:
+        click.echo(prompt, nl=False)
     click.echo(f"\n[{stats}]", err=True)

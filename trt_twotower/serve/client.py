@@ -5,17 +5,26 @@ stream=False the server sends one response."""
 from __future__ import annotations
 
 import json
+import math
 import queue
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Generator, Iterator, Optional
 
 import numpy as np
 
+from ..errors import TwoTowerError
 from ..policy import GenerationSettings
 from .repository import TOWER_MODELS
 
+if TYPE_CHECKING:
+    from tritonclient.grpc import InferenceServerClient
+    from tritonclient.utils import InferenceServerException
 
-class ClientError(RuntimeError):
+CLOSE_GRACE_S = 2.0  # a finished stream closes in milliseconds; past this it is cancelled
+
+
+class ClientError(TwoTowerError, RuntimeError):
     """The server refused the request, is unreachable, or did not answer in time."""
 
 
@@ -28,25 +37,45 @@ class Completion:
     texts: list[str] = field(default_factory=list)
 
 
+# The range of each integer Triton dtype: numpy would wrap a value outside it silently
+# (max_tokens 4294967312 arrives as 16), so such a value is refused before it is sent.
+INT_RANGES = {"INT32": np.iinfo(np.int32), "INT64": np.iinfo(np.int64)}
+NUMPY_TYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
+               "BOOL": np.bool_}
+
+
+def _entry(name: str, value, dtype: str) -> tuple[str, np.ndarray, str]:
+    """One input as (name, one-element array, Triton dtype), refusing an integer its dtype
+    cannot hold."""
+    limits = INT_RANGES.get(dtype)
+    if limits is not None and not limits.min <= value <= limits.max:
+        raise ClientError(f"{name}={value} does not fit the server's {dtype} input: it must "
+                          f"lie in {limits.min}..{limits.max}")
+    return name, np.array([value], dtype=NUMPY_TYPES[dtype]), dtype
+
+
+def _utf8(prompt: str) -> bytes:
+    try:
+        return prompt.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ClientError(f"the prompt is not valid UTF-8 text ({err.reason} at character "
+                          f"{err.start}); send text, not raw bytes") from None
+
+
 def _arrays(prompt: str, settings: GenerationSettings, stream: bool
             ) -> list[tuple[str, np.ndarray, str]]:
     """Each input as (name, one-element array, Triton dtype)."""
-    def entry(name: str, value, dtype: str):
-        kind = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64,
-                "FP32": np.float32, "BOOL": np.bool_}[dtype]
-        return name, np.array([value], dtype=kind), dtype
-
-    return [entry("text_input", prompt.encode("utf-8"), "BYTES"),
-            entry("max_tokens", settings.max_new_tokens, "INT32"),
-            entry("stream", stream, "BOOL"),
-            entry("temperature", settings.temperature, "FP32"),
-            entry("top_k", settings.top_k or 0, "INT32"),
-            entry("top_p", settings.top_p or 1.0, "FP32"),
-            entry("mode", settings.mode.encode(), "BYTES"),
-            entry("block_size", settings.block_size, "INT32"),
-            entry("steps_per_block", settings.steps_per_block, "INT32"),
-            entry("confidence_threshold", settings.confidence_threshold, "FP32"),
-            entry("seed", settings.seed, "INT64")]
+    return [_entry("text_input", _utf8(prompt), "BYTES"),
+            _entry("max_tokens", settings.max_new_tokens, "INT32"),
+            _entry("stream", stream, "BOOL"),
+            _entry("temperature", settings.temperature, "FP32"),
+            _entry("top_k", settings.top_k or 0, "INT32"),
+            _entry("top_p", settings.top_p or 1.0, "FP32"),
+            _entry("mode", settings.mode.encode(), "BYTES"),
+            _entry("block_size", settings.block_size, "INT32"),
+            _entry("steps_per_block", settings.steps_per_block, "INT32"),
+            _entry("confidence_threshold", settings.confidence_threshold, "FP32"),
+            _entry("seed", settings.seed, "INT64")]
 
 
 def _inputs(prompt: str, settings: GenerationSettings, stream: bool) -> list:
@@ -70,52 +99,88 @@ def stream_generate(url: str, prompt: str, settings: GenerationSettings, stream:
                     timeout: float = 120.0, model: str = "ensemble",
                     cancel_after_blocks: Optional[int] = None,
                     before_send: Optional[Callable[[], None]] = None) -> Iterator[tuple]:
-    """Yields (ids, text, stats) per response; stops after the final response.
-    ``before_send`` runs once the stream is open, just before the request goes out."""
+    """Yields (ids, text, stats) per response; stops after the final response, or raises
+    ClientError when the server refuses, is unreachable or sends nothing for ``timeout``
+    seconds. ``before_send`` runs once the stream is open, just before the request goes out."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    if not 0 < timeout < math.inf:
+        raise ClientError(f"timeout must be a finite number of seconds above 0, got "
+                          f"{timeout!r}")
+    inputs = _inputs(prompt, settings, stream)
     responses: "queue.Queue" = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
+    finished = False
     try:
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         if before_send is not None:
             before_send()
-        client.async_stream_infer(model, _inputs(prompt, settings, stream),
-                                  enable_empty_final_response=True)
-        seen = 0
-        while True:
-            try:
-                result, error = responses.get(timeout=timeout)
-            except queue.Empty:
-                raise ClientError(f"no response from {url} within {timeout:.0f} s") from None
-            if error is not None:
-                raise ClientError(str(error))
-            final = result.get_response().parameters["triton_final_response"].bool_param
-            ids = result.as_numpy("output_ids")
-            if ids is not None and (len(ids) or not final):
-                text = result.as_numpy("text_output")
-                stats = result.as_numpy("stats")
-                yield (ids.tolist(), text[0].decode() if text is not None else "",
-                       json.loads(stats[0]) if stats is not None and stats[0] else {})
-                seen += 1
-                if cancel_after_blocks is not None and seen >= cancel_after_blocks:
-                    client.stop_stream(cancel_requests=True)
-                    return
-            elif ids is not None:
-                stats = result.as_numpy("stats")
-                if stats is not None and stats[0]:
-                    yield [], "", json.loads(stats[0])
-            if final:
-                return
-    except InferenceServerException as err:
-        raise ClientError(f"cannot reach {url}: {err}") from err
-    finally:
         try:
-            client.stop_stream()
-        except Exception:
-            pass
-        client.close()
+            client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        except InferenceServerException:
+            pass  # the stream has already failed: its cause is the next thing in `responses`
+        finished = yield from _responses(responses, url, timeout, cancel_after_blocks)
+    except InferenceServerException as err:
+        raise _failure(url, err) from None
+    finally:
+        _close(client, min(timeout, CLOSE_GRACE_S) if finished else None)
+
+
+def _responses(responses: "queue.Queue", url: str, timeout: float,
+               cancel_after_blocks: Optional[int]) -> Generator[tuple, None, bool]:
+    """The stream's answers as (ids, text, stats), each within ``timeout`` of the one before;
+    returns True after the final one, False when ``cancel_after_blocks`` stops it early."""
+    seen = 0
+    while True:
+        try:
+            result, error = responses.get(timeout=timeout)
+        except queue.Empty:
+            raise ClientError(f"no response from {url} within {timeout:g} s") from None
+        if error is not None:
+            raise _failure(url, error)
+        final = result.get_response().parameters["triton_final_response"].bool_param
+        ids = result.as_numpy("output_ids")
+        stats = result.as_numpy("stats")
+        stats = json.loads(stats[0]) if stats is not None and stats[0] else {}
+        if ids is not None and (len(ids) or not final):
+            text = result.as_numpy("text_output")
+            yield ids.tolist(), text[0].decode() if text is not None else "", stats
+            seen += 1
+            if cancel_after_blocks is not None and seen >= cancel_after_blocks:
+                return False
+        elif ids is not None and stats:
+            yield [], "", stats
+        if final:
+            return True
+
+
+def _failure(url: str, error: "InferenceServerException") -> ClientError:
+    """A one-line ClientError for an InferenceServerException: unreachable, or refused."""
+    message = " ".join(str(error.message() or error).split())
+    if error.status() == "StatusCode.UNAVAILABLE":
+        return ClientError(f"cannot reach {url}: {message}; is `trt-twotower serve` running "
+                           "there?")
+    return ClientError(f"{url} refused the request: {message}")
+
+
+def _close(client: "InferenceServerClient", grace_s: Optional[float]) -> None:
+    """Stop the stream within a deadline, then close the channel. A finished stream is
+    closed gracefully, for at most ``grace_s`` (tritonserver takes its whole exit timeout to
+    stop after a cancelled stream); any other is cancelled, which ends it on this side at
+    once. tritonclient's graceful stop waits for the server to close its side, which a
+    stalled server never does, so it runs on a helper thread."""
+    if grace_s is None:
+        client.stop_stream(cancel_requests=True)
+    else:
+        stream = client._stream  # tritonclient has no stop with a deadline: cancel it here
+        closing = threading.Thread(target=client.stop_stream, daemon=True)
+        closing.start()
+        closing.join(grace_s)
+        if closing.is_alive():
+            stream.close(cancel_requests=True)
+            closing.join()  # returns at once: the cancel ended the stream it waited for
+    client.close()
 
 
 def generate(url: str, prompt: str, settings: GenerationSettings, stream: bool = True,

@@ -12,6 +12,8 @@ import string
 from pathlib import Path
 from typing import Mapping, Optional
 
+from ..errors import TwoTowerError
+
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "triton_repo"
 CONTEXT_MODEL, DENOISER_MODEL = "context_tower", "denoiser_tower"
 TOWER_MODELS = (CONTEXT_MODEL, DENOISER_MODEL)
@@ -19,7 +21,7 @@ MODELS = ("preprocessing", *TOWER_MODELS, "twotower_bls", "postprocessing", "ens
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(TwoTowerError, RuntimeError):
     """A template that could not be filled, or a repository that is missing a model."""
 
 

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..errors import TwoTowerError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
 
 
-class ServerError(RuntimeError):
+class ServerError(TwoTowerError, RuntimeError):
     """The server binary is missing, failed to start, or never became ready."""
 
 
