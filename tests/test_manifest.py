@@ -75,3 +75,27 @@ def test_an_invalid_config_is_refused(converted, tmp_path):
         raw["config"]["hidden_size"] = "wide"
     with pytest.raises(ManifestError, match="config is invalid"):
         Manifest.load(_rewrite(out, tmp_path, change))
+
+
+def test_graph_weights_changed_on_disk_are_refused_before_loading(converted, tmp_path):
+    """Weights scaled by -3 in .onnx.data ran with exit 0 before graphs carried digests."""
+    import shutil
+
+    import numpy as np
+
+    from trt_twotower.runtime.backends import open_onnxruntime
+
+    out, written = converted
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    open_onnxruntime(copy)  # untouched: loads
+    data = copy / written.graphs["denoiser_step"].data_file
+    weights = np.fromfile(data, dtype=np.float32)
+    (weights * -3).tofile(data)
+    with pytest.raises(ManifestError, match="denoiser_step.onnx.data does not match its "
+                                            "manifest digest"):
+        open_onnxruntime(copy)
+    (copy / written.graphs["context_step"].file).unlink()
+    with pytest.raises(ManifestError, match="context_step.onnx of graph context_step is "
+                                            "missing"):
+        Manifest.load(copy).verify_graphs(copy)

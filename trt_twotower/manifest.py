@@ -54,6 +54,8 @@ class GraphRecord:
     inputs: tuple[TensorRecord, ...]
     outputs: tuple[TensorRecord, ...]
     bytes: int
+    sha256: str          # of ``file``
+    data_sha256: str     # of ``data_file``: weights changed on disk are refused, not run
 
 
 # profile name → input name → (min, opt, max) shapes
@@ -134,6 +136,21 @@ class Manifest:
         raise ManifestError(f"this build has no engine for the {tower} tower: rebuild it with "
                             "`trt-twotower build`")
 
+    def verify_graphs(self, build_dir: Path, graphs: Optional[list[str]] = None) -> None:
+        """Each graph (all by default) and its weights are the files convert wrote: checked
+        by digest before anything parses them, as engines are."""
+        for name in graphs if graphs is not None else list(self.graphs):
+            record = self.graphs[name]
+            for file, digest in ((record.file, record.sha256),
+                                 (record.data_file, record.data_sha256)):
+                path = Path(build_dir) / file
+                if not path.is_file():
+                    raise ManifestError(f"{file} of graph {name} is missing from {build_dir}: "
+                                        "convert again")
+                if sha256_file(path) != digest:
+                    raise ManifestError(f"{file} does not match its manifest digest (modified "
+                                        "or corrupt): convert again")
+
     def with_engines(self, engines: dict[str, EngineRecord], build: BuildSettings
                      ) -> "Manifest":
         return Manifest(self.source, self.checkpoint_digest, self.config, self.lowering,
@@ -202,7 +219,8 @@ def _graph(raw: Any, where: str) -> GraphRecord:
                        _field(raw, "tower", str, where),
                        _tensors(_field(raw, "inputs", list, where), where),
                        _tensors(_field(raw, "outputs", list, where), where),
-                       _field(raw, "bytes", int, where))
+                       _field(raw, "bytes", int, where), _field(raw, "sha256", str, where),
+                       _field(raw, "data_sha256", str, where))
 
 
 def _shape_range(raw: Any, where: str) -> tuple[tuple[int, ...], ...]:

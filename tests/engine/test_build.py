@@ -298,3 +298,13 @@ def test_opted_in_plugin_lowering_builds_on_tensorrt_rtx_in_a_child_process(tmp_
     assert (tmp_path / engine.file).stat().st_size == engine.bytes > 100_000
     assert manifest.lowering == "plugin"
     assert engine.plugin_library_sha256 == sha256_file(find_plugin_library())
+
+
+def test_a_graph_changed_after_convert_is_not_built(bf16_build, tmp_path):
+    out = _copy(bf16_build, tmp_path)
+    data = out / "denoiser_step.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0x40
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="denoiser_step.onnx.data does not match"):
+        build_engines(out, BuildOptions(flavor="tensorrt-rtx", graphs=(names.DENOISER_STEP,)))

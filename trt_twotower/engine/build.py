@@ -296,6 +296,7 @@ def build_engines(build_dir: Path, options: BuildOptions,
     if missing:
         raise BuildError(f"{build_dir} has no graph(s) {missing}; it holds "
                          f"{', '.join(manifest.graphs)}: convert them first")
+    manifest.verify_graphs(build_dir, list(graphs))
     engines = {}
     for graph in graphs:
         progress(graph, None)

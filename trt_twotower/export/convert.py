@@ -4,7 +4,6 @@ the tokenizer and a manifest draft in one output directory.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -88,8 +87,10 @@ def graph_record(config: TwoTowerConfig, graph: str, options: ConvertOptions, pa
         return tuple(TensorRecord(s.name, options.dtype if s.dtype == names.MODEL else s.dtype,
                                   tuple(s.shape)) for s in specs)
 
-    return GraphRecord(path.name, f"{path.name}.data", names.TOWER_OF_GRAPH[graph], io(inputs),
-                       io(outputs), path.stat().st_size + os.path.getsize(f"{path}.data"))
+    data = Path(f"{path}.data")
+    return GraphRecord(path.name, data.name, names.TOWER_OF_GRAPH[graph], io(inputs),
+                       io(outputs), path.stat().st_size + data.stat().st_size,
+                       sha256_file(path), sha256_file(data))
 
 
 def calibrate_into(config: TwoTowerConfig, weights: Weights, out_dir: Path,

@@ -52,6 +52,7 @@ def open_onnxruntime(build_dir: Path) -> OpenBackend:
     from .ort_executor import OrtContextExecutor, OrtDenoiserExecutor
 
     manifest = Manifest.load(build_dir)
+    manifest.verify_graphs(build_dir)
     if manifest.dtype != "float32":
         raise BackendUnavailable(
             f"{build_dir} holds {manifest.dtype} graphs; ONNX Runtime on a CPU runs the "
