@@ -1,5 +1,6 @@
 """The command line end to end on the built-in model and on written checkpoints."""
 
+import csv
 import json
 
 import pytest
@@ -141,3 +142,16 @@ def test_generate_runs_a_jsonl_file_and_a_rerun_resumes_it(tmp_path):
     assert sorted(resumed) == [0, 1, 2]
     assert all(resumed[i].get("generated_ids") == records[i].get("generated_ids")
                for i in range(3))
+
+
+def test_bench_load_reports_every_case_under_every_load(tmp_path):
+    result = run("bench", "--load", "--clients", "1,3", "--rates", "100", "--max-new-tokens",
+                 32, "--block-sizes", 16, "--prompt-length", 6, "-o", tmp_path)
+    table = (tmp_path / "load.md").read_text()
+    for case in ("diffusion γ 0.5", "diffusion K=4", "AR"):
+        for load in ("1 clients", "3 clients", "Poisson 100/s"):
+            assert f"| {case} | {load} |" in table, (case, load)
+    rows = list(csv.DictReader(open(tmp_path / "load.csv")))
+    assert len(rows) == 9 and all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert {int(r["requests"]) for r in rows if r["load"] == "3 clients"} == {6}
+    assert "wrote" in result.output

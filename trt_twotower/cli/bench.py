@@ -71,8 +71,14 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--serve", is_flag=True, help="Instead: Triton (real tritonserver, gRPC "
               "streaming clients) against the in-process session, per client count; uses the "
               "first threshold, block size and step count.")
+@click.option("--load", is_flag=True, help="Instead: the in-process engine under load, "
+              "closed-loop --clients and Poisson --rates, for diffusion (first threshold), "
+              "diffusion with the first --forced-commits K and AR on the same engine; "
+              "writes OUT/load.md and OUT/load.csv.")
 @click.option("--clients", type=COUNTS, default="1,4,16,64", show_default=True,
-              help="--serve: numbers of concurrent clients.")
+              help="--serve, --load: numbers of concurrent clients.")
+@click.option("--rates", type=NumberList(float, 1e-3, 1e6), default="4,16", show_default=True,
+              help="--load: Poisson arrival rates (requests/s).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True,
               help="Folder for bench.csv and bench.png.")
@@ -81,13 +87,16 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
                   block_sizes: tuple[int, ...], steps: tuple[int, ...],
                   batch_sizes: tuple[int, ...], forced_commits: tuple[int, ...],
                   max_new_tokens: int, prompt_length: int, device: str, dtype: str, seed: int,
-                  serve: bool, clients: tuple[int, ...], out: Path) -> None:
+                  serve: bool, load: bool, clients: tuple[int, ...],
+                  rates: tuple[float, ...], out: Path) -> None:
     """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
     block size, steps per block and batch size; distinct MoE experts per denoiser step
     (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png.
 
     With --serve: tokens/s and time to first block through Triton over the in-process
-    session, and the bytes crossing process boundaries per token; writes OUT/serve.md."""
+    session, and the bytes crossing process boundaries per token; writes OUT/serve.md.
+    With --load: output tokens/s, requests/s and first-block / inter-block latencies of the
+    in-process engine under closed-loop clients and Poisson arrivals; writes OUT/load.md."""
     from ..runtime.benchmark import format_rows, plot, sweep, write_csv
     from .generate import check_length, open_backend
 
@@ -99,6 +108,12 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
             steps_per_block=steps[0], confidence_threshold=thresholds[0], seed=seed)
         return _serve_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
                             list(clients), prompt_length, settings, seed, out)
+    if serve and load:
+        raise click.UsageError("give --serve or --load, not both")
+    if load:
+        return _load_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
+                           list(clients), list(rates), prompt_length, max_new_tokens,
+                           thresholds[0], forced_commits[0] if forced_commits else 4, seed, out)
     batches = list(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -115,6 +130,54 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
                      max_new_tokens, forced_commits, model=model)
     click.echo(format_rows(rows))
     click.echo(f"\nwrote {write_csv(rows, out / 'bench.csv')} and {plot(rows, out / 'bench.png')}")
+
+
+def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
+                build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
+                rates: list[float], prompt_length: int, max_new_tokens: int, gamma: float,
+                forced: int, seed: int, out: Path) -> None:
+    """Each case on its own warmed engine, every load in turn (runtime/load_benchmark.py)."""
+    import csv
+
+    from ..runtime.load_benchmark import format_load, run_load
+    from ..runtime.scheduler import SchedulerLimits
+    from ..runtime.session import TwoTowerSession
+    from .generate import check_length, open_backend
+
+    cases = [(f"diffusion γ {gamma:g}", GenerationSettings(
+                 max_new_tokens=max_new_tokens, confidence_threshold=gamma, seed=seed,
+                 stop_at_eos=False)),
+             (f"diffusion K={forced}", GenerationSettings(
+                 max_new_tokens=max_new_tokens, forced_commits=forced, seed=seed,
+                 stop_at_eos=False)),
+             ("AR", GenerationSettings(mode="ar", max_new_tokens=max_new_tokens, seed=seed,
+                                       stop_at_eos=False))]
+    with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
+        opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
+                              device, Path(scratch))
+        check_length(prompt_length, max_new_tokens,
+                     opened.max_context or opened.config.max_position_embeddings)
+        max_context = opened.max_context or prompt_length + max_new_tokens
+        prompts = held_out_prompts(opened.tokenizer, max(clients), prompt_length,
+                                   opened.config.vocab_size, seed)
+
+        def engine() -> TwoTowerSession:
+            return TwoTowerSession(opened.context, opened.denoiser, opened.config,
+                                   max_context, opened.dtype, opened.fused_unmask,
+                                   SchedulerLimits(capacity=max(clients)))
+
+        rows = run_load(engine, prompts, cases, clients, rates, requests_per_client=2,
+                        poisson_requests=2 * max(clients),
+                        progress=lambda row: click.echo(f"  {row.label}, {row.load}: "
+                                                        f"{row.record()['tokens_per_s']} tok/s"))
+    table = format_load(rows)
+    click.echo(table)
+    (out / "load.md").write_text(table + "\n")
+    with open(out / "load.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].record()))
+        writer.writeheader()
+        writer.writerows(row.record() for row in rows)
+    click.echo(f"\nwrote {out / 'load.md'} and {out / 'load.csv'}")
 
 
 def _serve_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,

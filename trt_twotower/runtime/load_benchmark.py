@@ -159,7 +159,7 @@ def format_load(rows: list[LoadRow]) -> str:
               "| gap p50 / p99 (ms) |")
     lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        r = row.record()
+        r = {k: "–" if v is None else v for k, v in row.record().items()}
         lines.append(f"| {r['case']} | {r['load']} | {r['requests']} | {r['tokens_per_s']} | "
                      f"{r['requests_per_s']} | {r['first_block_p50_ms']} / "
                      f"{r['first_block_p99_ms']} | {r['gap_p50_ms']} / {r['gap_p99_ms']} |")
