@@ -169,3 +169,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_go_on(tiny_model)
     assert len(results[0].tokens) == 8 and len(results[1].tokens) == 2
     assert tokens_at_round == list(range(tokens_at_round[0], tokens_at_round[0] + 8))
     assert results[0].tokens == _session(tiny_model).generate([short])[0].tokens
+
+
+def test_a_batch_handed_over_whole_is_not_refused_by_the_waiting_bound(tiny_model):
+    session = _session(tiny_model, limits=SchedulerLimits(capacity=2), max_waiting=1)
+    s = GenerationSettings(mode="ar", max_new_tokens=2, stop_at_eos=False)
+    results = session.generate([Request([5 + i], s) for i in range(6)])
+    assert [len(r.tokens) for r in results] == [2] * 6

@@ -111,30 +111,34 @@ class TwoTowerSession:
 
     # --- the thread-safe front ----------------------------------------------------------------
     def submit(self, request: Request, timeout: Optional[float] = None) -> Handle:
-        """Queue a request (checked here, in the caller's thread); it joins the next round."""
+        """Queue a request (checked here, in the caller's thread); it joins the next round.
+        Past ``max_waiting`` queued requests it is refused with ``SessionBusy``."""
         self.scheduler.check(request)
-        handle = Handle(request, timeout)
-        with self._lock:
-            if self._closed:
-                raise GenerationError("the session is closed")
-            waiting = len(self._inbox) + len(self.scheduler.waiting)
-            if waiting >= self.max_waiting:
-                raise SessionBusy(f"{waiting} requests are already waiting for a slot; retry "
-                                  "later")
-            self._inbox.append(handle)
-            self._ensure_worker()
-            self._lock.notify()
-        return handle
+        return self._enqueue([Handle(request, timeout)], bounded=True)[0]
 
     def generate(self, requests: list[Request]) -> list[RequestResult]:
         """Run requests to completion; results in their order. Any mix of modes and
-        settings may share the batch."""
+        settings may share the batch. A batch the caller hands over whole is not bounded by
+        ``max_waiting``: its requests wait for slots, not for the caller."""
         if not requests:
             raise GenerationError("no requests to run")
         for request in requests:
             self.scheduler.check(request)
-        handles = [self.submit(r) for r in requests]
+        handles = self._enqueue([Handle(r, None) for r in requests], bounded=False)
         return [h.result() for h in handles]
+
+    def _enqueue(self, handles: list[Handle], bounded: bool) -> list[Handle]:
+        with self._lock:
+            if self._closed:
+                raise GenerationError("the session is closed")
+            waiting = len(self._inbox) + len(self.scheduler.waiting)
+            if bounded and waiting + len(handles) > self.max_waiting:
+                raise SessionBusy(f"{waiting} requests are already waiting for a slot; retry "
+                                  "later")
+            self._inbox.extend(handles)
+            self._ensure_worker()
+            self._lock.notify()
+        return handles
 
     def stream(self, prompt_ids: list[int], settings: GenerationSettings,
                timeout: Optional[float] = None) -> Iterator[list[int]]:
