@@ -176,3 +176,28 @@ def test_a_batch_handed_over_whole_is_not_refused_by_the_waiting_bound(tiny_mode
     s = GenerationSettings(mode="ar", max_new_tokens=2, stop_at_eos=False)
     results = session.generate([Request([5 + i], s) for i in range(6)])
     assert [len(r.tokens) for r in results] == [2] * 6
+
+
+def test_requests_can_be_awaited_from_asyncio_while_the_loop_stays_free(tiny_model):
+    import asyncio
+
+    session = _session(tiny_model)
+    s = GenerationSettings(mode="ar", max_new_tokens=6, stop_at_eos=False)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+        beat = asyncio.create_task(ticker())
+        results = await asyncio.gather(*(session.submit(Request([5 + i], s)).wait()
+                                         for i in range(8)))
+        beat.cancel()
+        return results, ticks
+
+    results, ticks = asyncio.run(main())
+    assert [len(r.tokens) for r in results] == [6] * 8 and ticks > 1
+    assert results[3].tokens == _session(tiny_model).generate([Request([8], s)])[0].tokens

@@ -11,6 +11,7 @@ timeout; a cancelled or timed-out request leaves its slot within one round.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import queue
 import threading
@@ -79,6 +80,16 @@ class Handle:
     @property
     def done(self) -> bool:
         return self._done.is_set()
+
+    async def wait(self) -> RequestResult:
+        """``result()`` for asyncio: awaits the request's end without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        self.add_done_callback(
+            lambda handle: loop.call_soon_threadsafe(
+                lambda: ended.done() or ended.set_result(None)))
+        await ended
+        return self.result()
 
     def result(self, timeout: Optional[float] = None) -> RequestResult:
         """The finished request's tokens and stats; re-raises what failed it."""
