@@ -8,8 +8,9 @@ from trt_twotower.policy import GenerationSettings
 from trt_twotower.runtime.session import Request, TwoTowerSession
 from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoiserExecutor
 from trt_twotower.serve.orchestrator import LocalLink, generate
-from trt_twotower.serve.towers import (ContextTower, DenoiserTower, TowerBusy,
-                                       UnknownSequence, settings_from_json, settings_to_json)
+from trt_twotower.serve.towers import (ContextTower, DenoiserTower, SequenceKey, TowerBusy,
+                                       TowerRequestError, UnknownSequence, settings_from_json,
+                                       settings_to_json)
 
 MAX_CONTEXT = 80
 
@@ -21,9 +22,10 @@ def towers(tiny_model):
             DenoiserTower(TorchDenoiserExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 4))
 
 
-def _run(model, towers, prompt, settings, sequence=7, on_delta=None):
+def _run(model, towers, prompt, settings, sequence=None, on_delta=None):
     link = LocalLink(*towers)
-    return generate(link, sequence, prompt, settings, model.config, on_delta)
+    return generate(link, sequence or SequenceKey.new(), prompt, settings, model.config,
+                    on_delta)
 
 
 @pytest.mark.parametrize("mode", ["diffusion", "mock-ar", "ar"])
@@ -75,13 +77,16 @@ def test_prompt_ids_outside_the_vocabulary_are_refused_before_tower_work(tiny_mo
 
 def test_a_full_tower_refuses_new_sequences_and_keeps_the_others(tiny_model, towers):
     context, _ = towers
-    for sequence in range(4):
-        context.extend(sequence, [5, 6])
+    keys = [SequenceKey.new() for _ in range(5)]
+    for key in keys[:4]:
+        context.open(key)
+        context.extend(key, [5, 6])
     with pytest.raises(TowerBusy, match="all 4 sequence slots"):
-        context.extend(99, [5])
+        context.open(keys[4])
     assert context.stats()["live_sequences"] == 4
-    assert context.release(2) and not context.release(2)
-    context.extend(99, [5])
+    assert context.release(keys[2]) and not context.release(keys[2])
+    context.open(keys[4])
+    context.extend(keys[4], [5])
 
 
 def test_settings_cross_the_boundary_unchanged_and_are_validated_again():
@@ -93,16 +98,53 @@ def test_settings_cross_the_boundary_unchanged_and_are_validated_again():
                                                        '"confidence_threshold": 2.0'))
 
 
+@pytest.mark.parametrize("text", ['{"mode": "ar",', '{"beam_width": 4}', "[1, 2]", "null"])
+def test_malformed_settings_are_one_clear_request_error(text):
+    with pytest.raises(TowerRequestError, match="^settings must be a JSON object") as raised:
+        settings_from_json(text)
+    assert "\n" not in str(raised.value)
+
+
 def test_steps_for_a_sequence_the_tower_does_not_hold_are_refused_not_started(tiny_model,
                                                                               towers):
     context, denoiser = towers
     s = GenerationSettings(block_size=8)
     mask = tiny_model.config.mask_token_id
-    with pytest.raises(UnknownSequence, match="sequence 3 holds no cache"):
-        denoiser.denoise(3, [mask] * 8, s, 0)
-    denoiser.append(3, context.extend(3, [5, 6, 7]))
-    assert len(denoiser.denoise(3, [mask] * 8, s, 0)) == 8
-    assert denoiser.release(3)
+    key = SequenceKey(3, "owner")
+    with pytest.raises(UnknownSequence, match="sequence 3 is not open here"):
+        denoiser.denoise(key, [mask] * 8, s, 0)
+    for step in (lambda: context.extend(key, [5]),
+                 lambda: context.extend_and_sample(key, [5], s, 0),
+                 lambda: denoiser.append(key, b"")):
+        with pytest.raises(UnknownSequence):
+            step()
+    assert context.stats()["opened"] == denoiser.stats()["opened"] == 0
+    context.open(key)
+    denoiser.open(key)
+    denoiser.append(key, context.extend(key, [5, 6, 7]))
+    assert len(denoiser.denoise(key, [mask] * 8, s, 0)) == 8
+    assert denoiser.release(key)
     with pytest.raises(UnknownSequence):
-        denoiser.mock_ar(3, 5, s, 0)
+        denoiser.mock_ar(key, 5, s, 0)
     assert denoiser.stats()["live_sequences"] == 0 and denoiser.stats()["opened"] == 1
+
+
+def test_only_the_opener_can_step_or_release_a_sequence(tiny_model, towers):
+    context, _ = towers
+    s = GenerationSettings(mode="ar", max_new_tokens=8)
+    mine = SequenceKey.new()
+    context.open(mine)
+    thief = SequenceKey(mine.id, "guessed-owner-\u00e9")
+    assert not context.release(thief)
+    with pytest.raises(UnknownSequence, match="belongs to another request"):
+        context.extend_and_sample(thief, [5, 6], s, 0)
+    with pytest.raises(TowerRequestError, match="already open"):
+        context.open(thief)
+    assert context.stats()["live_sequences"] == 1
+    assert context.release(mine)
+
+
+def test_sequence_keys_are_random_not_counted():
+    ids = {SequenceKey.new().id for _ in range(64)}
+    assert len(ids) == 64 and all(0 <= i < 2**63 for i in ids)
+    assert len({i >> 32 for i in ids}) > 1  # a PID << 32 plus a counter keeps one prefix

@@ -199,14 +199,20 @@ def test_a_tower_model_refuses_unknown_ops_and_incomplete_requests(server):
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
+    from trt_twotower.serve.repository import SECRET_FILE
     client = grpcclient.InferenceServerClient(server.grpc_url)
     op = grpcclient.InferInput("op", [1], "BYTES")
     op.set_data_from_numpy(np.array([b"rewind"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="unknown op 'rewind'"):
         client.infer("context_tower", [op])
     op.set_data_from_numpy(np.array([b"extend"], dtype=np.object_))
-    with pytest.raises(InferenceServerException, match="needs the input sequence_id"):
+    with pytest.raises(InferenceServerException, match="answer the orchestrator only"):
         client.infer("context_tower", [op])
+    secret = grpcclient.InferInput("tower_secret", [1], "BYTES")
+    secret.set_data_from_numpy(np.array([(server.repository / SECRET_FILE).read_bytes()],
+                                        dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="needs the input sequence_id"):
+        client.infer("context_tower", [op, secret])
     assert client.is_server_ready()
 
 

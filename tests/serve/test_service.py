@@ -6,7 +6,8 @@ import pytest
 
 from trt_twotower.policy import GenerationSettings
 from trt_twotower.serve.repository import RepositoryError, repository_values
-from trt_twotower.serve.service import RequestError, ServiceLimits, settings_from_inputs
+from trt_twotower.serve.service import (RequestError, ServiceLimits, check_prompt_bytes,
+                                        prompt_byte_limit, settings_from_inputs)
 
 LIMITS = ServiceLimits(max_context=64, max_tokens=32, block_sizes=(8, 16))
 
@@ -58,3 +59,19 @@ def test_towers_sharing_the_cpu_split_its_cores(monkeypatch):
     assert repository.tower_threads("cpu", "cpu", 3) == 3
     with pytest.raises(RepositoryError, match="cpu_threads must be 0 or more"):
         repository.tower_threads("cpu", "cpu", -1)
+
+
+def test_a_prompt_is_refused_by_bytes_only_when_no_tokenization_could_fit_it():
+    from tokenizers import Tokenizer
+
+    from trt_twotower.tokenizer import BUILTIN_TOKENIZER, builtin_tokenizer
+    vocabulary = ["a", "bb", "\u0120\u0120\u0120"]  # byte-level tokens spell 2 bytes a char
+    limit = prompt_byte_limit(vocabulary, max_context=10)
+    assert limit == 60
+    check_prompt_bytes(limit, limit)
+    with pytest.raises(RequestError, match="61 bytes, more than the 60 bytes"):
+        check_prompt_bytes(limit + 1, limit)
+    vocabulary = Tokenizer.from_file(str(BUILTIN_TOKENIZER)).get_vocab()
+    for text in ("    return x\n" * 50, " " * 300, "déjà vu → ∑ " * 20):
+        tokens = len(builtin_tokenizer().encode(text))
+        assert len(text.encode()) <= prompt_byte_limit(vocabulary, tokens)

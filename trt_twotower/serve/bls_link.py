@@ -1,32 +1,22 @@
 """The orchestrator's link to the tower models from inside Triton: each tower call is a BLS
-request (``pb_utils.InferenceRequest``) to ``context_tower`` or ``denoiser_tower``. The link
-counts every byte it sends and receives — the bytes that cross process boundaries."""
+request (``pb_utils.InferenceRequest``) to ``context_tower`` or ``denoiser_tower``, carrying the
+server's tower secret and the sequence's owner token. The link counts every byte it sends and
+receives — the bytes that cross process boundaries."""
 
 from __future__ import annotations
 
-import itertools
-import os
-import threading
 from typing import Any
 
 import numpy as np
 
+from ..errors import TwoTowerError
 from ..policy import GenerationSettings
 from .repository import CONTEXT_MODEL, DENOISER_MODEL, TOWER_MODELS
-from .towers import settings_to_json
-
-_counter = itertools.count(1)
-_counter_lock = threading.Lock()
+from .towers import SequenceKey, settings_to_json
 
 
-class TowerCallError(RuntimeError):
+class TowerCallError(TwoTowerError, RuntimeError):
     """A tower model answered a BLS call with an error (its message is kept)."""
-
-
-def new_sequence_id() -> int:
-    """Unique per server: this process's id in the high bits, a counter in the low ones."""
-    with _counter_lock:
-        return (os.getpid() & 0xFFFFFFFF) << 32 | next(_counter) & 0xFFFFFFFF
 
 
 def _nbytes(value: np.ndarray) -> int:
@@ -40,14 +30,15 @@ def _text(value: str) -> np.ndarray:
 
 
 class BlsLink:
-    def __init__(self, pb_utils: Any) -> None:
-        self.pb = pb_utils
+    def __init__(self, pb_utils: Any, secret: str) -> None:
+        self.pb, self.secret = pb_utils, secret
         self.boundary_bytes = 0
 
-    def _call(self, model: str, op: str, sequence: int, outputs: list[str],
+    def _call(self, model: str, op: str, sequence: SequenceKey, outputs: list[str],
               **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        inputs = {"op": _text(op), "sequence_id": np.array([sequence], dtype=np.uint64),
-                  **inputs}
+        inputs = {"op": _text(op), "tower_secret": _text(self.secret),
+                  "sequence_id": np.array([sequence.id], dtype=np.uint64),
+                  "owner": _text(sequence.owner), **inputs}
         request = self.pb.InferenceRequest(
             model_name=model, requested_output_names=outputs,
             inputs=[self.pb.Tensor(name, value) for name, value in inputs.items()])
@@ -64,42 +55,49 @@ class BlsLink:
     def _ids(ids: list[int]) -> np.ndarray:
         return np.asarray(ids, dtype=np.int64)
 
-    def context_extend(self, sequence: int, ids: list[int]) -> np.ndarray:
+    def open(self, sequence: SequenceKey, denoiser: bool) -> None:
+        """Open the sequence on the context tower, and on the denoiser when the mode uses it
+        (AR never does, so its request holds no denoiser slot)."""
+        for model in TOWER_MODELS if denoiser else (CONTEXT_MODEL,):
+            self._call(model, "open", sequence, ["opened"])
+
+    def context_extend(self, sequence: SequenceKey, ids: list[int]) -> np.ndarray:
         return self._call(CONTEXT_MODEL, "extend", sequence, ["cache_delta"],
                           input_ids=self._ids(ids))["cache_delta"]
 
-    def context_extend_and_sample(self, sequence: int, ids: list[int],
+    def context_extend_and_sample(self, sequence: SequenceKey, ids: list[int],
                                   settings: GenerationSettings, step_key: int) -> int:
         out = self._call(CONTEXT_MODEL, "extend_and_sample", sequence, ["token"],
                          input_ids=self._ids(ids), settings=_text(settings_to_json(settings)),
                          step_key=np.array([step_key], dtype=np.int64))
         return int(out["token"][0])
 
-    def denoiser_append(self, sequence: int, delta: np.ndarray, keep_previous: bool) -> None:
+    def denoiser_append(self, sequence: SequenceKey, delta: np.ndarray,
+                        keep_previous: bool) -> None:
         self._call(DENOISER_MODEL, "append", sequence, ["length"], cache_delta=delta,
                    keep_previous=np.array([keep_previous], dtype=bool))
 
-    def denoiser_step(self, sequence: int, block: list[int], settings: GenerationSettings,
+    def denoiser_step(self, sequence: SequenceKey, block: list[int], settings: GenerationSettings,
                       step_key: int) -> list[int]:
         out = self._call(DENOISER_MODEL, "step", sequence, ["block_ids"],
                          input_ids=self._ids(block), settings=_text(settings_to_json(settings)),
                          step_key=np.array([step_key], dtype=np.int64))
         return out["block_ids"].tolist()
 
-    def denoiser_mock_ar(self, sequence: int, token: int, settings: GenerationSettings,
+    def denoiser_mock_ar(self, sequence: SequenceKey, token: int, settings: GenerationSettings,
                          step_key: int) -> int:
         out = self._call(DENOISER_MODEL, "mock_ar", sequence, ["token"],
                          input_ids=self._ids([token]), settings=_text(settings_to_json(settings)),
                          step_key=np.array([step_key], dtype=np.int64))
         return int(out["token"][0])
 
-    def release(self, sequence: int) -> None:
+    def release(self, sequence: SequenceKey) -> None:
         """Both towers free the sequence; a failure to release is reported, not hidden."""
         errors = []
         for model in TOWER_MODELS:
             try:  # each tower is asked whatever happened to the other
                 self._call(model, "release", sequence, ["released"])
             except Exception as err:
-                errors.append(f"{model}: {err}")
+                errors.append(str(err))
         if errors:
             raise TowerCallError("; ".join(errors))

@@ -5,8 +5,9 @@ The orchestrator holds ids only. It asks the context tower to extend a sequence 
 the returned cache delta to the denoiser tower; the denoiser tower runs each diffusion step and
 returns the next block's ids. Step keys, per-row timesteps and stopping follow
 ``TwoTowerSession`` exactly, so a request served this way produces the same tokens as the
-in-process session (tests check it). Whatever ends the request — its last token, a
-cancellation, an error — both towers release the sequence.
+in-process session (tests check it). A request opens its sequence on the towers first (no
+other op creates one); whatever ends the request — its last token, a cancellation, an error —
+both towers release it.
 """
 
 from __future__ import annotations
@@ -22,26 +23,29 @@ from ..config import TwoTowerConfig
 from ..policy import GenerationSettings
 from ..runtime.cache_delta import HEADER_BYTES
 from ..runtime.session import OnDelta, RequestResult
-from .towers import ContextTower, DenoiserTower
+from .towers import ContextTower, DenoiserTower, SequenceKey
 
 
 class TowerLink(Protocol):
     """How the orchestrator reaches the two towers (in process, or Triton BLS calls)."""
 
-    def context_extend(self, sequence: int, ids: list[int]) -> np.ndarray: ...
+    def open(self, sequence: SequenceKey, denoiser: bool) -> None: ...
 
-    def context_extend_and_sample(self, sequence: int, ids: list[int],
+    def context_extend(self, sequence: SequenceKey, ids: list[int]) -> np.ndarray: ...
+
+    def context_extend_and_sample(self, sequence: SequenceKey, ids: list[int],
                                   settings: GenerationSettings, step_key: int) -> int: ...
 
-    def denoiser_append(self, sequence: int, delta: np.ndarray, keep_previous: bool) -> None: ...
+    def denoiser_append(self, sequence: SequenceKey, delta: np.ndarray,
+                        keep_previous: bool) -> None: ...
 
-    def denoiser_step(self, sequence: int, block: list[int], settings: GenerationSettings,
-                      step_key: int) -> list[int]: ...
+    def denoiser_step(self, sequence: SequenceKey, block: list[int],
+                      settings: GenerationSettings, step_key: int) -> list[int]: ...
 
-    def denoiser_mock_ar(self, sequence: int, token: int, settings: GenerationSettings,
-                         step_key: int) -> int: ...
+    def denoiser_mock_ar(self, sequence: SequenceKey, token: int,
+                         settings: GenerationSettings, step_key: int) -> int: ...
 
-    def release(self, sequence: int) -> None: ...
+    def release(self, sequence: SequenceKey) -> None: ...
 
 
 class LocalLink:
@@ -55,13 +59,18 @@ class LocalLink:
         self.denoiser_step = denoiser.denoise
         self.denoiser_mock_ar = denoiser.mock_ar
 
-    def release(self, sequence: int) -> None:
+    def open(self, sequence: SequenceKey, denoiser: bool) -> None:
+        self.context.open(sequence)
+        if denoiser:
+            self.denoiser.open(sequence)
+
+    def release(self, sequence: SequenceKey) -> None:
         self.context.release(sequence)
         self.denoiser.release(sequence)
 
 
 class _Request:
-    def __init__(self, link: TowerLink, sequence: int, settings: GenerationSettings,
+    def __init__(self, link: TowerLink, sequence: SequenceKey, settings: GenerationSettings,
                  on_delta: Optional[OnDelta], eos: int) -> None:
         self.link, self.sequence, self.settings = link, sequence, settings
         self.on_delta, self.eos = on_delta, eos
@@ -91,7 +100,7 @@ class _Request:
             self.result.cancelled = self.done = True
 
 
-def generate(link: TowerLink, sequence: int, prompt_ids: list[int],
+def generate(link: TowerLink, sequence: SequenceKey, prompt_ids: list[int],
              settings: GenerationSettings, config: TwoTowerConfig,
              on_delta: Optional[OnDelta] = None) -> RequestResult:
     """Run one request to its end; the towers release ``sequence`` whatever happens."""
@@ -101,6 +110,7 @@ def generate(link: TowerLink, sequence: int, prompt_ids: list[int],
         raise policy.GenerationError(f"prompt ids must lie in [0, {config.vocab_size})")
     request = _Request(link, sequence, settings, on_delta, config.eos_token_id)
     try:
+        link.open(sequence, denoiser=settings.mode != "ar")
         {"diffusion": _diffusion, "ar": _ar, "mock-ar": _mock_ar}[settings.mode](
             request, prompt_ids, config.mask_token_id)
     except BaseException:
@@ -112,7 +122,7 @@ def generate(link: TowerLink, sequence: int, prompt_ids: list[int],
     try:
         link.release(sequence)
     except Exception as err:  # the request succeeded; the leak is the operator's to see
-        logging.getLogger(__name__).error("sequence %d was not released: %s", sequence, err)
+        logging.getLogger(__name__).error("sequence %d was not released: %s", sequence.id, err)
     return request.result
 
 

@@ -1,12 +1,16 @@
 """Render ``triton_repo/`` templates into a model repository for one model source.
 
 Templates use ``${NAME}`` placeholders; rendering fails loudly on any value left unfilled.
+Each rendering also draws a fresh tower secret (``SECRET_FILE``, readable by this user only):
+the tower models refuse every request that does not carry it, and only the orchestrator
+reads it. It is kept out of config.pbtxt because Triton serves model configs to clients.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import string
 from pathlib import Path
@@ -19,6 +23,7 @@ CONTEXT_MODEL, DENOISER_MODEL = "context_tower", "denoiser_tower"
 TOWER_MODELS = (CONTEXT_MODEL, DENOISER_MODEL)
 MODELS = ("preprocessing", *TOWER_MODELS, "twotower_bls", "postprocessing", "ensemble")
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+SECRET_FILE = "tower_secret"
 
 
 class RepositoryError(TwoTowerError, RuntimeError):
@@ -43,7 +48,25 @@ def render(out_dir: Path, values: Mapping[str, str], templates: Path = TEMPLATES
         config.write_text(string.Template(text).substitute(values))
         # Every model needs a version folder; the ensemble's holds no files (git keeps none).
         (out_dir / model / "1").mkdir(exist_ok=True)
+    _write_secret(out_dir / SECRET_FILE)
     return out_dir
+
+
+def _write_secret(path: Path) -> None:
+    """Created with mode 0600 from the start, so no other user ever can read it."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(secrets.token_urlsafe(32))
+
+
+def tower_secret(model_dir: Path) -> str:
+    """The secret of the repository a Triton model (its directory) was loaded from."""
+    path = Path(model_dir).parent / SECRET_FILE
+    try:
+        return path.read_text().strip()
+    except OSError as err:
+        raise RepositoryError(f"{path} is unreadable ({err.strerror}): render the repository "
+                              "again with trt-twotower serve") from None
 
 
 def placement(device: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from ..policy import MODES, GenerationError, GenerationSettings
 from ..runtime.session import RequestResult
@@ -34,6 +34,22 @@ class ServiceLimits:
     max_context: int
     max_tokens: int
     block_sizes: tuple[int, ...]
+
+
+def prompt_byte_limit(vocabulary: Iterable[str], max_context: int) -> int:
+    """The most bytes a prompt that fits ``max_context`` tokens can have: no token spells more
+    bytes than the longest entry of the vocabulary (whose UTF-8 form counts a byte-level or
+    byte-fallback token's bytes high, so the bound never refuses a prompt that fits)."""
+    return max_context * max(len(token.encode()) for token in vocabulary)
+
+
+def check_prompt_bytes(size: int, limit: int) -> None:
+    """Refuse a prompt by its byte length before tokenizing it: tokenizing megabytes only to
+    refuse them would hold up every request queued behind it."""
+    if size > limit:
+        raise RequestError(f"text_input is {size} bytes, more than the {limit} bytes any "
+                           "prompt that fits the maximum context can have: send a shorter "
+                           "prompt")
 
 
 def settings_from_inputs(values: dict[str, Any], prompt_length: int, limits: ServiceLimits

@@ -1,39 +1,59 @@
 """The tower models' request protocol: named numpy inputs in, named numpy outputs out. The
 Triton model files only convert tensors; the BLS link (``bls_link.py``) speaks the other end.
 
-Every request names an ``op``; all but ``stats`` name a ``sequence_id`` (uint64). Settings
-travel as one JSON string and are validated again on arrival.
+Every request names an ``op``. All but ``stats`` carry the server's tower secret, so only
+the orchestrator (which alone knows it) can change a tower; ``stats`` shows counts only, no
+ids. Every op on a sequence names its ``sequence_id`` (uint64) and the ``owner`` token given at
+``open``. Settings travel as one JSON string and are validated again on arrival.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Optional, Union
 
 import numpy as np
 
-from .towers import ContextTower, DenoiserTower, settings_from_json
+from .towers import (ContextTower, DenoiserTower, SequenceKey, TowerRequestError,
+                     settings_from_json)
 
-CONTEXT_OPS = ("extend", "extend_and_sample", "release", "stats")
-DENOISER_OPS = ("append", "step", "mock_ar", "release", "stats")
+CONTEXT_OPS = ("open", "extend", "extend_and_sample", "release", "stats")
+DENOISER_OPS = ("open", "append", "step", "mock_ar", "release", "stats")
+Inputs = dict[str, Optional[np.ndarray]]
 
 
-class TowerRequestError(ValueError):
-    """A tower request that names an unknown op or lacks what its op needs."""
+class TowerAccessDenied(TowerRequestError):
+    """A request without the server's tower secret: tower models answer the orchestrator
+    only."""
 
 
 def _text(value: np.ndarray) -> str:
     item = value.reshape(-1)[0]
-    return item.decode() if isinstance(item, bytes) else str(item)
+    return item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
 
 
-def _need(inputs: dict[str, np.ndarray], name: str, op: str) -> np.ndarray:
-    if inputs.get(name) is None:
+def _need(inputs: Inputs, name: str, op: str) -> np.ndarray:
+    if inputs.get(name) is None or inputs[name].size == 0:
         raise TowerRequestError(f"op {op!r} needs the input {name}")
     return inputs[name]
 
 
-def handle(tower: Union[ContextTower, DenoiserTower], inputs: dict[str, Optional[np.ndarray]]
+def _authorize(inputs: Inputs, secret: str) -> None:
+    """Constant-time, so response times say nothing about the secret."""
+    given = inputs.get("tower_secret")
+    if given is None or given.size == 0 or not secrets.compare_digest(
+            _text(given).encode(), secret.encode()):
+        raise TowerAccessDenied("tower models answer the orchestrator only: send requests to "
+                                "the ensemble model")
+
+
+def _sequence(inputs: Inputs, op: str) -> SequenceKey:
+    return SequenceKey(int(_need(inputs, "sequence_id", op).reshape(-1)[0]),
+                       _text(_need(inputs, "owner", op)))
+
+
+def handle(tower: Union[ContextTower, DenoiserTower], inputs: Inputs, secret: str
            ) -> dict[str, np.ndarray]:
     """Run one request on ``tower``; returns the outputs of its op."""
     op = _text(_need(inputs, "op", "any"))
@@ -42,7 +62,11 @@ def handle(tower: Union[ContextTower, DenoiserTower], inputs: dict[str, Optional
         raise TowerRequestError(f"unknown op {op!r}; this tower serves {', '.join(ops)}")
     if op == "stats":
         return {"stats": np.array([json.dumps(tower.stats()).encode()], dtype=np.object_)}
-    sequence = int(_need(inputs, "sequence_id", op).reshape(-1)[0])
+    _authorize(inputs, secret)
+    sequence = _sequence(inputs, op)
+    if op == "open":
+        tower.open(sequence)
+        return {"opened": np.array([True], dtype=bool)}
     if op == "release":
         return {"released": np.array([tower.release(sequence)], dtype=bool)}
     if op == "append":

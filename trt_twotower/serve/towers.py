@@ -4,8 +4,10 @@ thin and everything here is tested without a server.
 Each tower keeps, per sequence, the cache it computes and nothing else: the context tower its
 cache, the denoiser tower its copy kept current by cache deltas. Only ids, small settings and
 the per-block delta leave a tower; logits never do, because the decoding policy runs where the
-logits are. A sequence lives from its first step until it is released (the orchestrator
-releases it when its request ends for any reason), and a tower holds at most ``capacity``
+logits are. A sequence lives from an explicit ``open`` until it is released (the orchestrator
+opens it when its request starts and releases it when the request ends for any reason); every
+other step needs an open sequence and its owner's token, so a stray or hostile call can neither
+start an empty cache nor touch another request's. A tower holds at most ``capacity``
 sequences, so a client that vanishes cannot exhaust its device.
 """
 
@@ -13,13 +15,15 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import asdict
+import secrets
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from .. import policy
 from ..config import TwoTowerConfig
+from ..errors import TwoTowerError
 from ..policy import GenerationSettings
 from ..runtime.cache import StepCache
 from ..runtime.cache_delta import apply_delta, pack_delta
@@ -27,15 +31,30 @@ from ..runtime.executor import ContextExecutor, DenoiserExecutor
 from ..runtime.session import denoise_and_commit
 
 
-class TowerBusy(RuntimeError):
+class TowerRequestError(TwoTowerError, ValueError):
+    """A tower request that names an unknown op, lacks what its op needs, or carries
+    malformed values; the message says which."""
+
+
+class TowerBusy(TwoTowerError, RuntimeError):
     """Every sequence slot of a tower is taken."""
 
 
-class UnknownSequence(KeyError):
-    """A step for a sequence this tower holds no cache of (never started, or released)."""
+class UnknownSequence(TwoTowerError, LookupError):
+    """A step for a sequence this tower holds no cache of for its caller: never opened,
+    released, or opened by another request (which is not told apart, so it cannot be probed)."""
 
-    def __str__(self) -> str:
-        return self.args[0]
+
+@dataclass(frozen=True)
+class SequenceKey:
+    """A sequence as its opener knows it: an id and the owner token that proves the
+    opener. Both come from a CSPRNG, so neither can be guessed from another request's."""
+    id: int
+    owner: str
+
+    @classmethod
+    def new(cls) -> "SequenceKey":
+        return cls(secrets.randbits(63), secrets.token_hex(16))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -46,8 +65,17 @@ def settings_to_json(settings: GenerationSettings) -> str:
 
 @functools.lru_cache(maxsize=1024)
 def settings_from_json(text: str) -> GenerationSettings:
-    """Parsed and validated once per distinct text, not on every step of a request."""
-    return GenerationSettings(**json.loads(text))
+    """Parsed and validated once per distinct text, not on every step of a request. Any
+    malformed text is one clear request error, never a parser's internals."""
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise TypeError("not a JSON object")
+        return GenerationSettings(**fields)
+    except (ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())
+        raise TowerRequestError(f"settings must be a JSON object of GenerationSettings "
+                                f"fields: {reason}") from None
 
 
 class SequenceCaches:
@@ -58,30 +86,38 @@ class SequenceCaches:
         self.config, self.max_context, self.dtype, self.device = config, max_context, dtype, device
         self.capacity = capacity
         self.caches: dict[int, StepCache] = {}
+        self.owners: dict[int, str] = {}
         self.opened = self.released = 0
 
-    def require(self, sequence: int) -> StepCache:
-        """The cache of a sequence that has started; steps never create one silently."""
-        cache = self.caches.get(sequence)
-        if cache is None:
-            raise UnknownSequence(f"sequence {sequence} holds no cache here: it was never "
-                                  "started or has been released")
-        return cache
+    def open(self, sequence: SequenceKey) -> None:
+        """An empty cache for a new sequence; the only way one comes to exist."""
+        if sequence.id in self.caches:
+            raise TowerRequestError(f"sequence {sequence.id} is already open; open a new one")
+        if len(self.caches) >= self.capacity:
+            raise TowerBusy(f"all {self.capacity} sequence slots are in use; retry later")
+        cache = StepCache.allocate(self.config, 1, self.max_context, self.dtype, self.device)
+        self.caches[sequence.id], self.owners[sequence.id] = cache, sequence.owner
+        self.opened += 1
 
-    def get(self, sequence: int) -> StepCache:
-        """The cache of ``sequence``, opened (empty) on its first use."""
-        cache = self.caches.get(sequence)
-        if cache is None:
-            if len(self.caches) >= self.capacity:
-                raise TowerBusy(f"all {self.capacity} sequence slots are in use; retry later")
-            cache = StepCache.allocate(self.config, 1, self.max_context, self.dtype, self.device)
-            self.caches[sequence] = cache
-            self.opened += 1
-        return cache
+    def owns(self, sequence: SequenceKey) -> bool:
+        """Constant-time, so a caller cannot learn an owner token from response times."""
+        owner = self.owners.get(sequence.id)
+        return owner is not None and secrets.compare_digest(owner.encode(),
+                                                            sequence.owner.encode())
 
-    def release(self, sequence: int) -> bool:
-        if self.caches.pop(sequence, None) is None:
+    def require(self, sequence: SequenceKey) -> StepCache:
+        """The cache of an open sequence of this owner; steps never create one silently."""
+        if not self.owns(sequence):
+            raise UnknownSequence(f"sequence {sequence.id} is not open here for this caller: "
+                                  "it was never opened, has been released, or belongs to "
+                                  "another request")
+        return self.caches[sequence.id]
+
+    def release(self, sequence: SequenceKey) -> bool:
+        """False when this owner holds no such sequence (another's is left alone)."""
+        if not self.owns(sequence):
             return False
+        del self.caches[sequence.id], self.owners[sequence.id]
         self.released += 1
         return True
 
@@ -94,7 +130,11 @@ class SequenceCaches:
 class _Tower:
     sequences: SequenceCaches
 
-    def release(self, sequence: int) -> bool:
+    def open(self, sequence: SequenceKey) -> None:
+        """Start a sequence with an empty cache; every other op needs it open."""
+        self.sequences.open(sequence)
+
+    def release(self, sequence: SequenceKey) -> bool:
         """Free a sequence's cache; False when it held none."""
         return self.sequences.release(sequence)
 
@@ -110,18 +150,18 @@ class ContextTower(_Tower):
         self.executor = executor
         self.sequences = SequenceCaches(config, max_context, dtype, executor.device, capacity)
 
-    def extend(self, sequence: int, ids: list[int]) -> np.ndarray:
+    def extend(self, sequence: SequenceKey, ids: list[int]) -> np.ndarray:
         """Consume ``ids``; returns the cache delta for the denoiser's copy."""
-        cache = self.sequences.get(sequence)
+        cache = self.sequences.require(sequence)
         old = int(cache.lengths[0])
         self.executor.context_step(torch.tensor([ids], dtype=torch.long), cache)
         return pack_delta(cache, 0, old)
 
-    def extend_and_sample(self, sequence: int, ids: list[int], settings: GenerationSettings,
+    def extend_and_sample(self, sequence: SequenceKey, ids: list[int], settings: GenerationSettings,
                           step_key: int) -> int:
         """Consume ``ids`` and sample the next token by the policy (AR)."""
         logits = self.executor.context_step(torch.tensor([ids], dtype=torch.long),
-                                            self.sequences.get(sequence))
+                                            self.sequences.require(sequence))
         return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]),
                                       step_key)[0])
 
@@ -136,15 +176,15 @@ class DenoiserTower(_Tower):
         self.sequences = SequenceCaches(config, max_context, dtype, executor.device, capacity)
         self.previous_mamba: dict[int, dict[str, torch.Tensor]] = {}
 
-    def append(self, sequence: int, delta: np.ndarray, keep_previous: bool = False) -> None:
+    def append(self, sequence: SequenceKey, delta: np.ndarray, keep_previous: bool = False) -> None:
         """Bring a copy up to date; ``keep_previous`` first keeps its Mamba states, the "S−2"
         view mock-AR reads after a one-token delta (spec §4.7)."""
-        cache = self.sequences.get(sequence)
+        cache = self.sequences.require(sequence)
         if keep_previous:
-            self.previous_mamba[sequence] = cache.snapshot_mamba()
+            self.previous_mamba[sequence.id] = cache.snapshot_mamba()
         apply_delta(cache, 0, delta)
 
-    def denoise(self, sequence: int, block: list[int], settings: GenerationSettings,
+    def denoise(self, sequence: SequenceKey, block: list[int], settings: GenerationSettings,
                 step_key: int) -> list[int]:
         """One diffusion step of a block: the next block ids."""
         ids = torch.tensor([block], dtype=torch.long)
@@ -155,19 +195,21 @@ class DenoiserTower(_Tower):
                                  self.config.mask_token_id, self.fused_unmask)
         return nxt[0].tolist()
 
-    def mock_ar(self, sequence: int, token: int, settings: GenerationSettings,
+    def mock_ar(self, sequence: SequenceKey, token: int, settings: GenerationSettings,
                 step_key: int) -> int:
         """Mock-AR's next token from the latest token over the copy one token back."""
         cache = self.sequences.require(sequence)
-        previous = self.previous_mamba.get(sequence)
+        previous = self.previous_mamba.get(sequence.id)
         if previous is None:
-            raise ValueError(f"sequence {sequence} has no one-token-back state: append its "
-                             "latest token's delta with keep_previous first")
+            raise TowerRequestError(f"sequence {sequence.id} has no one-token-back state: "
+                                    "append its latest token's delta with keep_previous first")
         view = cache.one_token_back(previous)
         logits = self.executor.mock_ar_step(torch.tensor([[token]], dtype=torch.long), view)
         return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]),
                                       step_key)[0])
 
-    def release(self, sequence: int) -> bool:
-        self.previous_mamba.pop(sequence, None)
-        return self.sequences.release(sequence)
+    def release(self, sequence: SequenceKey) -> bool:
+        released = self.sequences.release(sequence)
+        if released:
+            self.previous_mamba.pop(sequence.id, None)
+        return released

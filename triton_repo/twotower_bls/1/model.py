@@ -2,7 +2,9 @@
 the block loop in orchestrator.py, the tower calls in bls_link.py). Each request runs on its
 own thread, so concurrent requests interleave their tower calls; the towers' `capacity`
 sequence slots are split between this model's instances, and requests beyond an instance's
-share wait their turn (a request cancelled while waiting never starts)."""
+share wait their turn (a request cancelled while waiting never starts). Each request's
+sequence gets a fresh random id and owner token, and every tower call carries the
+repository's tower secret, which clients never see."""
 
 import json
 import threading
@@ -11,11 +13,13 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trt_twotower.serve.bls_link import BlsLink, new_sequence_id
+from trt_twotower.serve.bls_link import BlsLink
 from trt_twotower.serve.hosting import source_config
 from trt_twotower.serve.orchestrator import generate
+from trt_twotower.serve.repository import tower_secret
 from trt_twotower.serve.service import (RequestError, ServiceLimits, settings_from_inputs,
                                         stats_json)
+from trt_twotower.serve.towers import SequenceKey
 
 SCALARS = ("max_tokens", "stream", "temperature", "top_k", "top_p", "mode", "block_size",
            "steps_per_block", "confidence_threshold", "seed")
@@ -45,6 +49,7 @@ class TritonPythonModel:
         self.limits = ServiceLimits(int(params["max_context"]), int(params["max_tokens"]),
                                     tuple(int(b) for b in params["block_sizes"].split(",")))
         self.config = source_config(params["source"], params["backend"])
+        self.secret = tower_secret(args["model_repository"])
         self.slots = threading.Semaphore(int(params["capacity"]) // int(params["instances"]))
         self.stopping = threading.Event()
         self.threads = []
@@ -83,14 +88,14 @@ class TritonPythonModel:
                 sender.send(_response(block_ids))
             return None
 
-        link = BlsLink(pb_utils)
+        link = BlsLink(pb_utils, self.secret)
         with self.slots:
             if self.stopping.is_set():
                 return _error(sender, "the server is shutting down")
             if sender.is_cancelled():
                 return sender.send(flags=FINAL)
             try:
-                result = generate(link, new_sequence_id(), [int(i) for i in ids], settings,
+                result = generate(link, SequenceKey.new(), [int(i) for i in ids], settings,
                                   self.config, on_block)
             except Exception as err:  # a tower refused or failed: this request ends, not the server
                 return _error(sender, str(err))
