@@ -5,9 +5,10 @@ from __future__ import annotations
 import signal
 import socket
 import tempfile
-import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import click
 
@@ -16,6 +17,9 @@ from ..policy import MODES, GenerationError, GenerationSettings
 from .options import (INT32_COUNT, SEED, Device, NumberList, PositiveNumber, created_dir,
                       utf8_text)
 from .resolve import one_source
+
+if TYPE_CHECKING:
+    from ..serve.server import TritonServer
 
 PORT = click.IntRange(0, 65535)  # 0: any free port
 
@@ -71,11 +75,12 @@ def check_address(address: str) -> None:
 
 
 def check_ports(*ports: int) -> None:
-    """Two servers of one tritonserver on one port: refuse before starting it."""
+    """Two servers on one port: refuse before starting any."""
     chosen = [p for p in ports if p]
     if len(set(chosen)) < len(chosen):
-        raise click.UsageError(f"--grpc-port, --http-port and --metrics-port must differ "
-                               f"(got {', '.join(map(str, ports))}); 0 picks a free port")
+        raise click.UsageError(f"--grpc-port, --http-port, --metrics-port and --openai-port "
+                               f"must differ (got {', '.join(map(str, ports))}); 0 picks a "
+                               "free port")
 
 
 def usable_work_dir(work_dir: Optional[Path]) -> Path:
@@ -124,19 +129,28 @@ def usable_work_dir(work_dir: Optional[Path]) -> Path:
                    "the towers placed on it; 0 = PyTorch's default].")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the rendered repository and server log go (default: temporary).")
+@click.option("--openai-port", type=PORT, default=9000, show_default=True,
+              help="Port of the OpenAI-compatible HTTP API (docs/openai-api.md); 0 = any free.")
+@click.option("--no-openai", is_flag=True, help="Do not start the OpenAI-compatible API.")
+@click.option("--api-key", envvar="TRT_TWOTOWER_API_KEY",
+              help="Bearer token the OpenAI API requires (default: none; env "
+                   "TRT_TWOTOWER_API_KEY).")
+@click.option("--served-model-name", default="twotower", show_default=True,
+              help="The model name the OpenAI API serves and accepts.")
 def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
                   preset_name: Optional[str], backend: str, context_device: str,
                   denoiser_device: str, address: str, grpc_port: int, http_port: int,
                   metrics_port: int, max_context: Optional[int], dtype: str, max_tokens: int,
                   block_sizes: tuple[int, ...],
                   capacity: int, bls_instances: int, cpu_threads: Optional[int],
-                  work_dir: Optional[Path]) -> None:
+                  work_dir: Optional[Path], openai_port: int, no_openai: bool,
+                  api_key: Optional[str], served_model_name: str) -> None:
     """Render the model repository for a model and run a real tritonserver until Ctrl-C."""
     from ..serve.repository import RepositoryError, render, repository_values
-    from ..serve.server import ServerError, TritonServer
+    from ..serve.server import TritonServer
 
     check_address(address)
-    check_ports(grpc_port, http_port, metrics_port)
+    check_ports(grpc_port, http_port, metrics_port, *(() if no_openai else (openai_port,)))
     source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
     max_context = served_context(build_dir, backend, max_context)
     work = usable_work_dir(work_dir)
@@ -145,18 +159,86 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
             source, backend, tokenizer_dir, context_device, denoiser_device, max_context,
             max_tokens, ",".join(map(str, block_sizes)), capacity, bls_instances, dtype,
             cpu_threads))
-        server = TritonServer(repo, work, address, grpc_port, http_port, metrics_port).start()
-    except (RepositoryError, ServerError) as err:
+    except RepositoryError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {address}:{http_port} "
-               f"(model 'ensemble'; log {work / 'tritonserver.log'}). Ctrl-C stops it.")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        if server.process.poll() is not None:
-            raise click.ClickException(f"tritonserver exited ({server.process.returncode})")
-    click.echo(f"stopping… exit code {server.stop()}")
+    with signals_interrupt():
+        server = started(TritonServer(repo, work, address, grpc_port, http_port, metrics_port))
+        click.echo(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {address}:"
+                   f"{server.http_port} (model 'ensemble'; log {server.log}). Ctrl-C stops it.")
+        openai = None
+        try:
+            if not no_openai:
+                openai = _start_openai(server, address, openai_port, tokenizer_dir,
+                                       served_model_name, api_key, capacity)
+            serve_until_signal(server)
+        finally:
+            if openai is not None:
+                openai.stop()
+            code = server.stop()
+    click.echo(f"stopping… exit code {code}")
+
+
+def _start_openai(server: TritonServer, address: str, port: int, tokenizer_dir: Path,
+                  model_name: str, api_key: Optional[str], capacity: int):
+    """The OpenAI-compatible API beside Triton, over its gRPC endpoint; 503 once the towers'
+    ``capacity`` requests are running."""
+    from ..serve.openai_api import create_app, run_openai_server
+    from ..tokenizer import load_tokenizer
+
+    handle = run_openai_server(create_app(server.grpc_url, model_name,
+                                          load_tokenizer(tokenizer_dir), api_key=api_key,
+                                          max_in_flight=capacity), address, port)
+    click.echo(f"OpenAI API: {handle.url}/v1 (model '{model_name}')")
+    return handle
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """Turn SIGINT, SIGTERM and SIGHUP into ``Interrupted`` while a server runs: their default
+    actions end Python without its cleanup, and the server, in a process group of its own,
+    would live on as an orphan holding the ports."""
+    from ..serve.server import Interrupted
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def started(server: TritonServer) -> TritonServer:
+    """Start the server as a one-line error: a failed or interrupted start has already stopped
+    what it launched (``TritonServer.start``), so only the cause is left to say."""
+    from ..serve.server import Interrupted, ServerError
+
+    try:
+        return server.start()
+    except ServerError as err:
+        raise click.ClickException(str(err)) from None
+    except Interrupted as signalled:
+        raise click.ClickException(f"stopped by {signalled} while tritonserver was starting; "
+                                   "it was stopped too") from None
+
+
+def serve_until_signal(server: TritonServer) -> None:
+    """Serve until a stop signal (a normal end) or until the server dies (an error with the
+    cause from its log)."""
+    from ..serve.server import Interrupted, log_cause
+
+    try:
+        while server.process.poll() is None:
+            time.sleep(1.0)
+    except Interrupted:
+        return
+    raise click.ClickException(f"tritonserver exited ({server.process.returncode}): "
+                               f"{log_cause(server.log)}")
 
 
 @click.command("client")
