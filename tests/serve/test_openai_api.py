@@ -21,6 +21,8 @@ MODEL = "twotower-builtin"
 KEY = "sk-test-key"
 PROMPT = "def area(r):\n"
 BODY = {"block_size": 8, "steps_per_block": 8}
+LONG = 480  # tokens of a request that would run for many seconds if nothing stopped it
+RELEASE_SECONDS = 2.0  # a cancel must free the towers' caches within this
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def server(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("triton")
     repo = render(work / "repo", repository_values(
-        "builtin", "torch", BUILTIN_CHECKPOINT, "cpu", "cpu", 512, 128, "8,16", capacity=4))
+        "builtin", "torch", BUILTIN_CHECKPOINT, "cpu", "cpu", 512, LONG, "8,16", capacity=4))
     process = TritonServer(repo, work).start(timeout=150)
     yield process
     # Not asserted to be 0: after a cancelled stream (three tests here cancel one) the
@@ -171,7 +173,7 @@ def _open_stream(port, key=KEY):
     """A long streaming request on a raw connection, read up to its first event."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     connection.request("POST", "/v1/completions", json.dumps(
-        {"model": MODEL, "prompt": PROMPT, "max_tokens": 128, "stream": True, **BODY}),
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": LONG, "stream": True, **BODY}),
         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
     answer = connection.getresponse()
     assert answer.status == 200 and answer.readline().startswith(b"data: ")
@@ -196,10 +198,12 @@ def test_a_full_server_is_503_with_retry_after(server):
 
 
 def test_a_client_that_leaves_mid_stream_cancels_its_request(api, server):
+    """The request would run for ~LONG / 30 s; its caches must be freed within
+    RELEASE_SECONDS of the client leaving, so running to its end cannot pass this."""
     before = _settled(server.grpc_url)
     _open_stream(api.port).close()
-    after = _settled(server.grpc_url)
-    assert after["live_sequences"] == 0
+    after = _settled(server.grpc_url, timeout=RELEASE_SECONDS)
+    assert after["live_sequences"] == 0, "the cancel did not reach the towers in time"
     assert after["released"] == before["released"] + 1
     assert after["opened"] == before["opened"] + 1
     with urllib.request.urlopen(f"{api.url}/metrics", timeout=10) as answer:

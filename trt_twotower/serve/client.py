@@ -9,7 +9,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Generator, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Generator, Iterator, Optional, Union
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Completion:
 # The range of each integer Triton dtype: numpy would wrap a value outside it silently
 # (max_tokens 4294967312 arrives as 16), so such a value is refused before it is sent.
 INT_RANGES = {"INT32": np.iinfo(np.int32), "INT64": np.iinfo(np.int64)}
+ENSEMBLE, ORCHESTRATOR = "ensemble", "twotower_bls"
 NUMPY_TYPES = {"BYTES": np.object_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32,
                "BOOL": np.bool_}
 
@@ -62,10 +63,22 @@ def _utf8(prompt: str) -> bytes:
                           f"{err.start}); send text, not raw bytes") from None
 
 
-def _arrays(prompt: str, settings: GenerationSettings, stream: bool
+def _prompt_entry(prompt: Union[str, list[int]]) -> tuple[str, np.ndarray, str]:
+    """Text for the ensemble (``text_input``), or token ids for the orchestrator
+    (``input_ids``) from a caller that tokenizes itself."""
+    if isinstance(prompt, str):
+        return _entry("text_input", _utf8(prompt), "BYTES")
+    limits = INT_RANGES["INT64"]
+    if not prompt or not all(isinstance(i, int) and limits.min <= i <= limits.max
+                             for i in prompt):
+        raise ClientError("prompt ids must be a non-empty list of int64 token ids")
+    return "input_ids", np.array(prompt, dtype=np.int64), "INT64"
+
+
+def _arrays(prompt: Union[str, list[int]], settings: GenerationSettings, stream: bool
             ) -> list[tuple[str, np.ndarray, str]]:
-    """Each input as (name, one-element array, Triton dtype)."""
-    return [_entry("text_input", _utf8(prompt), "BYTES"),
+    """Each input as (name, array, Triton dtype)."""
+    return [_prompt_entry(prompt),
             _entry("max_tokens", settings.max_new_tokens, "INT32"),
             _entry("stream", stream, "BOOL"),
             _entry("temperature", settings.temperature, "FP32"),
@@ -78,12 +91,13 @@ def _arrays(prompt: str, settings: GenerationSettings, stream: bool
             _entry("seed", settings.seed, "INT64")]
 
 
-def _inputs(prompt: str, settings: GenerationSettings, stream: bool) -> list:
+def _inputs(prompt: Union[str, list[int]], settings: GenerationSettings, stream: bool
+            ) -> list:
     import tritonclient.grpc as grpcclient
 
     inputs = []
     for name, array, dtype in _arrays(prompt, settings, stream):
-        tensor = grpcclient.InferInput(name, [1], dtype)
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -95,13 +109,17 @@ def request_bytes(prompt: str, settings: GenerationSettings) -> int:
                for _, a, _ in _arrays(prompt, settings, True))
 
 
-def stream_generate(url: str, prompt: str, settings: GenerationSettings, stream: bool = True,
-                    timeout: float = 120.0, model: str = "ensemble",
+def stream_generate(url: str, prompt: Union[str, list[int]], settings: GenerationSettings,
+                    stream: bool = True, timeout: float = 120.0, model: Optional[str] = None,
                     cancel_after_blocks: Optional[int] = None,
                     before_send: Optional[Callable[[], None]] = None) -> Iterator[tuple]:
     """Yields (ids, text, stats) per response; stops after the final response, or raises
     ClientError when the server refuses, is unreachable or sends nothing for ``timeout``
-    seconds. ``before_send`` runs once the stream is open, just before the request goes out."""
+    seconds. ``before_send`` runs once the stream is open, just before the request goes out.
+
+    A text prompt goes to the ``ensemble``; token ids go straight to the orchestrator
+    (``twotower_bls``), whose cancellation reaches the towers when the stream is cancelled
+    (a cancel of the ensemble's stream does not reach the models behind it)."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
@@ -109,6 +127,7 @@ def stream_generate(url: str, prompt: str, settings: GenerationSettings, stream:
         raise ClientError(f"timeout must be a finite number of seconds above 0, got "
                           f"{timeout!r}")
     inputs = _inputs(prompt, settings, stream)
+    model = model or (ENSEMBLE if isinstance(prompt, str) else ORCHESTRATOR)
     responses: "queue.Queue" = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     finished = False

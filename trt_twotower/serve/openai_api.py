@@ -2,10 +2,12 @@
 
 Tools that benchmark and evaluate LLMs (the official ``openai`` client, AIPerf,
 lm-evaluation-harness) speak the OpenAI API, not Triton's gRPC streaming RPC, so this app
-translates one into the other: each request becomes one ``ensemble`` stream through
-``trt_twotower.serve.client``. The ensemble takes text, generates whole blocks and knows no
-stop strings, so the budget cut, the stop cut and incremental detokenization happen here,
-with the served checkpoint's tokenizer."""
+translates one into the other: each request is tokenized here with the served checkpoint's
+tokenizer and becomes one stream of the orchestrator model (``twotower_bls``) through
+``trt_twotower.serve.client`` — the orchestrator, not the ensemble, so that a client that
+disconnects cancels its request all the way to the towers. The orchestrator generates whole
+blocks and knows no stop strings, so the budget cut, the stop cut and incremental
+detokenization happen here too."""
 
 from __future__ import annotations
 
@@ -119,9 +121,10 @@ def _unsupported(request: CompletionRequest) -> None:
         raise APIError(400, f"{param} is not supported yet", param=param)
 
 
-def _prompt_text(prompt: Union[str, list], tokenizer: TwoTowerTokenizer) -> tuple[str, int]:
-    """The prompt as the text the ensemble takes, and its token count. Token ids are decoded
-    to text because the ensemble tokenizes text itself."""
+def _prompt_ids(prompt: Union[str, list], tokenizer: TwoTowerTokenizer) -> list[int]:
+    """The prompt as token ids, tokenized here exactly as the checkpoint's tokenizer.json
+    does (ids are sent as they are): the request then goes straight to the orchestrator,
+    whose stream a disconnecting client can cancel all the way to the towers."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
@@ -130,15 +133,18 @@ def _prompt_text(prompt: Union[str, list], tokenizer: TwoTowerTokenizer) -> tupl
     if not prompt:
         raise APIError(400, "prompt is empty: send a prompt", param="prompt")
     if isinstance(prompt, str):
-        return prompt, len(tokenizer.encode(prompt))
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise APIError(400, "prompt encodes to no tokens", param="prompt")
+        return ids
     if not all(0 <= i < tokenizer.vocab_size for i in prompt):
         raise APIError(400, f"prompt token ids must lie in [0, {tokenizer.vocab_size})",
                        param="prompt")
-    return tokenizer.decode(prompt), len(prompt)
+    return list(prompt)
 
 
 def _settings(request: CompletionRequest) -> GenerationSettings:
-    """The generation the ensemble runs: diffusion makes whole blocks, so the budget is
+    """The generation the orchestrator runs: diffusion makes whole blocks, so the budget is
     rounded up to a block multiple here and the text cut back to ``max_tokens`` later."""
     budget = request.max_tokens
     if request.mode == "diffusion":
@@ -277,13 +283,12 @@ def _metric(name: str, kind: str, about: str, samples: list[tuple[str, float]]) 
 
 @dataclass
 class Job:
-    """One completion request, ready to run against the ensemble."""
+    """One completion request, ready to run against the orchestrator."""
 
     id: str
     created: int
     model: str
-    text: str
-    prompt_tokens: int
+    prompt_ids: list[int]
     settings: GenerationSettings
     cutter: TextCutter
     wants_usage: bool  # run on after a stop string: the usage needs the server's final stats
@@ -291,7 +296,8 @@ class Job:
 
     def pieces(self, url: str, timeout: float) -> Iterator[str]:
         """Text as it becomes final, block by block; closing it cancels the request."""
-        with closing(stream_generate(url, self.text, self.settings, True, timeout)) as stream:
+        with closing(stream_generate(url, self.prompt_ids, self.settings, True,
+                                     timeout)) as stream:
             for ids, _, stats in stream:
                 self.stats = stats or self.stats
                 if self.cutter.finish_reason is None:
@@ -303,9 +309,9 @@ class Job:
     def usage(self) -> dict:
         """OpenAI's usage plus what block diffusion costs (denoiser evaluations) and buys
         (tokens per evaluation), as the server counted them for the whole generation."""
-        completion = self.cutter.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion,
+        completion, prompt = self.cutter.completion_tokens, len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
                 "denoiser_evaluations": self.stats.get("denoiser_evaluations"),
                 "tokens_per_evaluation": self.stats.get("tokens_per_evaluation")}
 
@@ -358,10 +364,9 @@ def create_app(grpc_url: str, model_name: str, tokenizer: TwoTowerTokenizer,
             raise APIError(404, f"the model {body.model!r} does not exist; this server "
                                 f"serves {model_name!r}", param="model", code="model_not_found")
         _unsupported(body)
-        text, prompt_tokens = _prompt_text(body.prompt, tokenizer)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name, text,
-                   prompt_tokens, _settings(body),
+        return Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name,
+                   _prompt_ids(body.prompt, tokenizer), _settings(body),
                    TextCutter(tokenizer, body.max_tokens, _stops(body.stop)),
                    wants_usage=include_usage or not body.stream)
 
