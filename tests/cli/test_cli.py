@@ -155,3 +155,15 @@ def test_bench_load_reports_every_case_under_every_load(tmp_path):
     assert len(rows) == 9 and all(float(r["tokens_per_s"]) > 0 for r in rows)
     assert {int(r["requests"]) for r in rows if r["load"] == "3 clients"} == {6}
     assert "wrote" in result.output
+
+
+def test_flags_mean_the_same_in_every_command():
+    """Precisions by long or short name, and one token-budget name with its alias."""
+    assert run("plan", "--preset", "tiny", "--dtype", "bf16").output == \
+        run("plan", "--preset", "tiny", "--dtype", "bfloat16").output
+    args = ["generate", "--prompt-ids", "5,6,7", "--mode", "ar", "--json"]
+    short = json.loads(run(*args, "--dtype", "fp32", "--max-tokens", 6).output)
+    long = json.loads(run(*args, "--dtype", "float32", "--max-new-tokens", 6).output)
+    assert short["generated_ids"] == long["generated_ids"] and len(short["generated_ids"]) == 6
+    refused = run("convert", "--dtype", "int8", "-o", "never", ok=False)
+    assert refused.exit_code == 2 and "'int8' is not one of float32" in refused.output

@@ -11,8 +11,8 @@ import click
 
 from ..policy import GenerationError, GenerationSettings
 from ..runtime.backends import BACKENDS
-from .options import (INT32_COUNT, SEED, Device, NumberList, created_dir, dtype_option,
-                      model_source_options)
+from .options import (INT32_COUNT, SEED, created_dir, Device, dtype_option, model_source_options,
+                      NumberList, token_budget_option)
 
 COUNTS = NumberList(int, 1, 2**31 - 1)
 
@@ -63,7 +63,7 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--forced-commits", type=NumberList(int, 1, 2**31 - 1, allow_empty=True),
               default="", help="Also run diffusion committing exactly K tokens per denoiser "
               "step, for each K (comma-separated).")
-@click.option("--max-new-tokens", type=INT32_COUNT, default=64, show_default=True)
+@token_budget_option(64, "Tokens per request.")
 @click.option("--prompt-length", type=INT32_COUNT, default=32, show_default=True)
 @click.option("--device", type=Device(), default="cpu", show_default=True)
 @dtype_option()

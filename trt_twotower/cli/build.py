@@ -11,7 +11,7 @@ from click.core import ParameterSource
 from .. import names
 from ..engine.build import FP8_COMPUTE_CAPABILITIES, RTX_COMPUTE_CAPABILITIES
 from .convert import calibration_options, quantize_options
-from .options import ENGINE_DTYPES, source_argument_options
+from .options import ENGINE_DTYPES, Dtype, source_argument_options
 
 
 @click.command("build")
@@ -26,7 +26,7 @@ from .options import ENGINE_DTYPES, source_argument_options
               default="auto", show_default=True,
               help="TensorRT (GPU hosts) or TensorRT-RTX (builds without a GPU); auto prefers "
                    "TensorRT.")
-@click.option("--dtype", type=click.Choice(sorted(ENGINE_DTYPES)), default="bf16",
+@click.option("--dtype", type=Dtype(ENGINE_DTYPES), default="bfloat16",
               show_default=True)
 @click.option("--lowering", type=click.Choice(["native", "plugin"]), default="native",
               show_default=True, help="plugin: the denoiser's custom ops, for full TensorRT with the "
@@ -95,14 +95,14 @@ def build_command(ctx: click.Context, checkpoint: Optional[Path], preset_name: O
                                graphs=tuple(graphs))
         if gpu_memory is not None:
             config, _ = model_config(checkpoint, preset_name)
-            check_fits(plan_memory(config, ENGINE_DTYPES[dtype], max_batch, max_context,
+            check_fits(plan_memory(config, dtype, max_batch, max_context,
                                    block_size, max_prefill, context_device, denoiser_device,
                                    quantization=recipe),
                        int(gpu_memory * GIB), f"a {gpu_memory:g} GiB GPU")
         weights = open_weights(checkpoint, preset_name)
-        click.echo(f"converting {weights.name} ({ENGINE_DTYPES[dtype]}, {lowering} lowering)")
+        click.echo(f"converting {weights.name} ({dtype}, {lowering} lowering)")
         convert(weights.config, weights.get, out,
-                ConvertOptions(lowering=lowering, dtype=ENGINE_DTYPES[dtype],
+                ConvertOptions(lowering=lowering, dtype=dtype,
                                max_context=max_context, graphs=graphs, quantization=recipe),
                 weights.tokenizer, weights.name, weights.digest,
                 calibration_windows=calibration_windows(recipe, weights.tokenizer,

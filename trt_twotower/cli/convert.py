@@ -12,7 +12,7 @@ from .. import names
 from ..export.attention import LOWERINGS
 from ..export.convert import DEFAULT_MAX_CONTEXT, EXPORT_DTYPES
 from ..reference.quantization import DEFAULT_BLOCK_SIZE, MODES, SCOPES, QuantRecipe
-from .options import source_argument_options
+from .options import Dtype, source_argument_options
 
 F = Callable[..., Any]
 CALIBRATION_LENGTH = 128   # tokens per calibration window: a prompt, then a 16-token block
@@ -74,7 +74,7 @@ def calibration_windows(recipe: QuantRecipe, tokenizer: Any, text: Optional[Path
 @click.option("--lowering", type=click.Choice(LOWERINGS), default="native", show_default=True,
               help="native: standard ONNX ops only (ONNX Runtime, TensorRT-RTX); plugin: the "
                    "denoiser's cross-attention and unmask as trt_twotower custom ops.")
-@click.option("--dtype", type=click.Choice(sorted(EXPORT_DTYPES)), default="float32",
+@click.option("--dtype", type=Dtype(tuple(EXPORT_DTYPES)), default="float32",
               show_default=True, help="float32 for CPU parity; bfloat16/float16 for engines.")
 @click.option("--max-context", type=int, default=DEFAULT_MAX_CONTEXT, show_default=True,
               help="Positions preallocated in every KV cache (prompt + generated tokens).")

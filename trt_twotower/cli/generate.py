@@ -11,7 +11,8 @@ import click
 
 from ..policy import MODES, GenerationError, GenerationSettings
 from ..runtime.backends import BACKENDS
-from .options import INT32_COUNT, SEED, Device, dtype_option, model_source_options, utf8_text
+from .options import (SEED, Device, dtype_option, model_source_options, token_budget_option,
+                      utf8_text)
 from .resolve import open_model_source, open_weights
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
@@ -51,8 +52,7 @@ def check_vocabulary(ids: list[int], vocab_size: int) -> None:
 @click.option("--prompt", default=None, callback=utf8_text,
               help=f"Prompt text [default: {DEFAULT_PROMPT!r}].")
 @click.option("--prompt-ids", default=None, help="The prompt as token ids, e.g. 1,2,3.")
-@click.option("--max-new-tokens", type=INT32_COUNT, default=64, show_default=True,
-              help="Tokens to generate; a multiple of --block-size in diffusion mode.")
+@token_budget_option(64, "Tokens to generate; a multiple of --block-size in diffusion mode.")
 @click.option("--block-size", type=int, default=16, show_default=True,
               help="Tokens per diffusion block (the released denoiser was trained on 16).")
 @click.option("--steps-per-block", type=int, default=16, show_default=True,

@@ -12,12 +12,43 @@ import click
 from ..config import PRESETS
 
 F = Callable[..., Any]
-# Engine precisions by their short names (`build`, `plan`), and the export dtype each means.
-ENGINE_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+# Every command spells a precision either way: short names map to the dtype they mean.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+ENGINE_DTYPES = ("bfloat16", "float16")
 # Seeds become int64 (torch generators, the server's seed input): larger ones cannot be used.
 SEED = click.IntRange(0, 2**63 - 1)
 # Token counts and sizes sent to the server are int32 tensors: a larger value would wrap.
 INT32_COUNT = click.IntRange(1, 2**31 - 1)
+
+
+class Dtype(click.ParamType):
+    """A precision from ``allowed`` by its long or short name (bf16 and bfloat16 alike),
+    returned as the long name the rest of the package uses."""
+
+    name = "dtype"
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = allowed
+
+    def get_metavar(self, param: click.Parameter, ctx: Optional[click.Context] = None) -> str:
+        short = {v: k for k, v in DTYPE_ALIASES.items()}
+        return "[" + "|".join(f"{short[a]}|{a}" if a in short else a
+                              for a in self.allowed) + "]"
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> str:
+        name = DTYPE_ALIASES.get(str(value).lower(), str(value).lower())
+        if name not in self.allowed:
+            self.fail(f"{value!r} is not one of {', '.join(self.allowed)} (or bf16, fp16, "
+                      "fp32)", param, ctx)
+        return name
+
+
+def token_budget_option(default: int, help: str) -> Callable[[F], F]:
+    """The token budget under one name in every command (``--max-tokens``, as Triton and
+    the OpenAI API call it), with ``--max-new-tokens`` kept as an alias."""
+    return click.option("--max-tokens", "--max-new-tokens", "max_new_tokens",
+                        type=INT32_COUNT, default=default, show_default=True, help=help)
 
 
 class PositiveNumber(click.ParamType):
@@ -122,7 +153,7 @@ def model_source_options(func: F) -> F:
 
 
 def dtype_option(default: str = "float32") -> Callable[[F], F]:
-    return click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+    return click.option("--dtype", type=Dtype(("float32", "bfloat16", "float16")),
                         default=default, show_default=True,
                         help="Precision the model computes in.")
 

@@ -14,6 +14,7 @@ from ..policy import GenerationSettings
 from ..runtime.parity import (DEFAULT_TOLERANCE, REDUCED_BATCH, Backend, compare_generation,
                               compare_generation_reduced, compare_steps, compare_steps_fp8,
                               compare_steps_reduced, format_reduced_table, format_table)
+from .options import token_budget_option
 
 
 def _reference_source(build_dir: Path) -> tuple[str, int, Optional[str]]:
@@ -91,8 +92,7 @@ def _judge_reduced(same_dtype: Backend, ref: Backend, cand: Backend, config: Two
                    "builds are held to the reference's own drift instead "
                    "(docs/parity-criterion.md).")
 @click.option("--block-size", type=int, default=16, show_default=True)
-@click.option("--max-new-tokens", type=int, default=32, show_default=True,
-              help="Tokens per generation compared in each mode.")
+@token_budget_option(32, "Tokens per generation compared in each mode.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--context-device", default="cuda:0", show_default=True,
               help="tensorrt backend: the context engine's GPU (and, for bf16/fp16 engines, the "

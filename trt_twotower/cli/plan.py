@@ -17,7 +17,7 @@ from ..engine.memory_plan import (DENOISER_EXPERTS_TOUCHED, GIB, GPUS, EngineAct
 from ..export.convert import DEFAULT_MAX_CONTEXT
 from ..reference.quantization import QuantRecipe
 from .convert import quantize_options
-from .options import ENGINE_DTYPES, source_argument_options
+from .options import ENGINE_DTYPES, Dtype, source_argument_options
 from .resolve import model_config
 
 LARGEST_CONTEXTS = (1024, 4096, 8192, 32768, 131072)
@@ -83,7 +83,7 @@ def _gpu_memory(ctx: click.Context, gpu: str, gpu_memory: Optional[float]) -> tu
 
 @click.command("plan")
 @source_argument_options
-@click.option("--dtype", type=click.Choice(sorted(ENGINE_DTYPES)), default="bf16",
+@click.option("--dtype", type=Dtype(ENGINE_DTYPES), default="bfloat16",
               show_default=True)
 @click.option("--max-batch", type=POSITIVE, default=BUILD_DEFAULTS.max_batch, show_default=True)
 @click.option("--max-context", type=POSITIVE, default=DEFAULT_MAX_CONTEXT, show_default=True)
@@ -122,7 +122,7 @@ def plan_command(ctx: click.Context, checkpoint: Optional[Path], preset_name: Op
     denoiser step read and the step-time floor H100 and H200 bandwidth sets.
     """
     memory, label = _gpu_memory(ctx, gpu, gpu_memory)
-    settings = {"dtype": ENGINE_DTYPES[dtype], "max_batch": max_batch,
+    settings = {"dtype": dtype, "max_batch": max_batch,
                 "max_context": max_context,
                 "block_size": block_size, "max_prefill": max_prefill,
                 "context_device": context_device, "denoiser_device": denoiser_device,

@@ -14,7 +14,7 @@ import click
 
 from ..config import PRESETS
 from ..policy import MODES, GenerationError, GenerationSettings
-from .options import (INT32_COUNT, SEED, Device, NumberList, PositiveNumber, created_dir,
+from .options import (Dtype, INT32_COUNT, SEED, Device, NumberList, PositiveNumber, created_dir,
                       utf8_text)
 from .resolve import one_source
 
@@ -112,7 +112,7 @@ def usable_work_dir(work_dir: Optional[Path]) -> Path:
 @click.option("--max-context", type=INT32_COUNT,
               help="Longest prompt + max_tokens served [default: 2048 for torch; the build's "
                    "context length for onnxruntime and tensorrt].")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+@click.option("--dtype", type=Dtype(("auto", "float32", "bfloat16", "float16")),
               default="auto", show_default=True,
               help="torch backend: weights and caches (auto = the checkpoint's).")
 @click.option("--max-tokens", type=INT32_COUNT, default=512, show_default=True,
@@ -245,7 +245,8 @@ def serve_until_signal(server: TritonServer) -> None:
 @click.option("--url", default="127.0.0.1:8001", show_default=True, help="gRPC endpoint.")
 @click.option("--prompt", required=True, callback=utf8_text)
 @click.option("--mode", type=click.Choice(MODES), default="diffusion", show_default=True)
-@click.option("--max-tokens", type=INT32_COUNT, default=64, show_default=True)
+@click.option("--max-tokens", "--max-new-tokens", "max_tokens", type=INT32_COUNT, default=64,
+              show_default=True, help="Tokens to generate (--max-new-tokens is an alias).")
 @click.option("--block-size", type=INT32_COUNT, default=16, show_default=True)
 @click.option("--steps-per-block", type=INT32_COUNT, default=16, show_default=True)
 @click.option("--confidence-threshold", type=float,
