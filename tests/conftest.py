@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from trt_twotower.cli import main
+from trt_twotower.engine.plugin_library import load_plugin_library, plugin_library_path
 from trt_twotower.config import TwoTowerConfig, preset
 from trt_twotower.reference import TwoTowerModel
 from trt_twotower.reference.init import initialise
@@ -50,3 +51,16 @@ def bf16_cli(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bf16_build(bf16_cli):
     return bf16_cli[0]
+
+
+# Tests that call the compiled plugin library (build_scripts/build_plugins.sh; CI builds it
+# first) skip, saying so, where it has not been built.
+needs_plugin_library = pytest.mark.skipif(
+    not plugin_library_path().is_file(),
+    reason="the plugin library is not built (bash build_scripts/build_plugins.sh)")
+
+
+@pytest.fixture(scope="session")
+def plugin_library():
+    """The compiled library with its C prototypes declared."""
+    return load_plugin_library()

@@ -18,7 +18,8 @@ from trt_twotower.engine.build import (BuildError, BuildOptions, build_engine, b
                                        on_device)
 from trt_twotower.engine.build_log import read_summary
 from trt_twotower.engine.flavor import Flavor
-from trt_twotower.engine.plugin_library import find_plugin_library, plugin_library_path
+from trt_twotower.engine.plugin_library import find_plugin_library
+from tests.conftest import needs_plugin_library
 from trt_twotower.engine.verify import verify_engines
 from trt_twotower.export.convert import ConvertOptions, convert
 from trt_twotower.manifest import Manifest, ManifestError, sha256_file
@@ -272,8 +273,7 @@ def test_a_plugin_build_without_the_plugin_library_is_refused(tmp_path, monkeypa
     assert not (tmp_path / "g" / "denoiser_step.engine").exists()
 
 
-@pytest.mark.skipif(not plugin_library_path().is_file(),
-                    reason="the plugin library is not built (bash build_scripts/build_plugins.sh)")
+@needs_plugin_library
 def test_shapes_the_plugin_kernels_cannot_run_are_refused_before_building(tmp_path):
     graphs = _plugin_graph(tmp_path / "g")
     with pytest.raises(BuildError, match="block size 2048"):
@@ -282,8 +282,7 @@ def test_shapes_the_plugin_kernels_cannot_run_are_refused_before_building(tmp_pa
     assert not (graphs / "denoiser_step.engine").exists()
 
 
-@pytest.mark.skipif(not plugin_library_path().is_file(),
-                    reason="the plugin library is not built (bash build_scripts/build_plugins.sh)")
+@needs_plugin_library
 def test_opted_in_plugin_lowering_builds_on_tensorrt_rtx_in_a_child_process(tmp_path):
     """The parser's private plugin path aborts a process that lacks libtensorrt_rtx.so; the
     opted-in build runs where that name resolves, so this process survives and gets an engine."""

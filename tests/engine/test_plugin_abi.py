@@ -4,7 +4,9 @@ dereferenced: every call here is refused before the launch, which is what is bei
 
 import pytest
 
-from trt_twotower.engine.plugin_library import PluginLibraryError, load_plugin_library
+from tests.conftest import needs_plugin_library
+
+pytestmark = needs_plugin_library
 
 # tt_error codes of twotower_plugins.h
 UNSUPPORTED, WORKSPACE, MISALIGNED = 2, 3, 5
@@ -12,12 +14,9 @@ FP32, FP16 = 0, 1
 ALIGNED = 0x7F0000000000  # a multiple of 256, as CUDA allocations are
 
 
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return load_plugin_library()
-    except PluginLibraryError as err:
-        pytest.skip(f"the plugin library is not built: {err}")
+@pytest.fixture
+def lib(plugin_library):
+    return plugin_library
 
 
 def _attention(lib, q=ALIGNED, ctx_k=ALIGNED, out=ALIGNED, workspace_bytes=0, head_dim=64,

@@ -14,10 +14,11 @@ trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed"
 
 from trt_twotower.config import PRESETS  # noqa: E402
 from trt_twotower.engine.plugin_library import (PLUGIN_LIBRARY_ENV,  # noqa: E402
-                                                PluginLibraryError, load_plugin_library)
+                                                load_plugin_library)
 from trt_twotower.engine.plugins import (ATTENTION, NAMESPACE, UNMASK,  # noqa: E402
                                          PluginShapeError, check_plugin_shapes,
                                          register_plugins)
+from tests.conftest import needs_plugin_library  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -128,23 +129,16 @@ def test_build_refuses_blocks_the_unmask_kernel_cannot_hold(creators):
         check_plugin_shapes(PRESETS["nano-30b-a3b"], 1025, 1)
 
 
-@pytest.fixture
-def compiled():
-    try:
-        return load_plugin_library()
-    except PluginLibraryError as err:
-        pytest.skip(f"the plugin library is not built: {err}")
-
-
-def test_workspace_is_the_launchers_size_for_the_profiles_maximum(creators, compiled):
+@needs_plugin_library
+def test_workspace_is_the_launchers_size_for_the_profiles_maximum(creators, plugin_library):
     attention = _plugin(creators, ATTENTION)
     descs = _attention_descs(8, 16, 32, 2, 128, 8192)
     assert attention.get_workspace_size(descs, []) == \
-        compiled.tt_block_cross_attention_workspace_bytes(8, 16, 32, 2, 128, 8192) > 0
+        plugin_library.tt_block_cross_attention_workspace_bytes(8, 16, 32, 2, 128, 8192) > 0
     unmask = _plugin(creators, UNMASK)
     logits = [_dynamic([64, 16, 131072], [1, 16, 131072])]
     assert unmask.get_workspace_size(logits, []) == \
-        compiled.tt_confidence_unmask_workspace_bytes(64, 16, 131072) > 0
+        plugin_library.tt_confidence_unmask_workspace_bytes(64, 16, 131072) > 0
 
 
 class _Function:

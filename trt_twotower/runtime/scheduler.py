@@ -170,12 +170,16 @@ class SlotPool:
 def gather(cache: StepCache, slots: list[int]) -> StepCache:
     """The rows of ``slots`` as one cache: views when they are consecutive (the executor then
     writes the pool itself), otherwise a copy (``scatter`` writes it back)."""
+    return StepCache({n: gather_tensor(t, slots) for n, t in cache.tensors.items()},
+                     gather_tensor(cache.lengths, slots), cache.max_context)
+
+
+def gather_tensor(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """Rows ``slots`` of a pool tensor: a view of consecutive rows, else an indexed copy."""
     first = slots[0]
     if slots == list(range(first, first + len(slots))):
-        end = first + len(slots)
-        return StepCache({n: t[first:end] for n, t in cache.tensors.items()},
-                         cache.lengths[first:end], cache.max_context)
-    return cache.select_rows(slots)
+        return tensor[first:first + len(slots)]
+    return tensor.index_select(0, torch.tensor(slots, dtype=torch.long, device=tensor.device))
 
 
 def scatter(cache: StepCache, slots: list[int], rows: StepCache) -> None:
@@ -436,13 +440,6 @@ class StepScheduler:
             moved += piece.numel() * piece.element_size()
         dst.lengths[slot] = new
         return moved
-
-
-def gather_tensor(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
-    first = slots[0]
-    if slots == list(range(first, first + len(slots))):
-        return tensor[first:first + len(slots)]
-    return tensor.index_select(0, torch.tensor(slots, dtype=torch.long, device=tensor.device))
 
 
 def _groups(rows: list[Row], key: Callable[[Row], object]) -> list[list[Row]]:
