@@ -18,7 +18,16 @@ from typing import Mapping, Optional
 
 from ..errors import TwoTowerError
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "triton_repo"
+
+def _templates() -> Path:
+    """An installed package carries the templates as ``trt_twotower/triton_repo`` (setup.py
+    copies them there); a source checkout keeps them at the repository root."""
+    package = Path(__file__).resolve().parent.parent
+    inside = package / "triton_repo"
+    return inside if inside.is_dir() else package.parent / "triton_repo"
+
+
+TEMPLATES = _templates()
 CONTEXT_MODEL, DENOISER_MODEL = "context_tower", "denoiser_tower"
 TOWER_MODELS = (CONTEXT_MODEL, DENOISER_MODEL)
 MODELS = ("preprocessing", *TOWER_MODELS, "twotower_bls", "postprocessing", "ensemble")
@@ -46,7 +55,7 @@ def render(out_dir: Path, values: Mapping[str, str], templates: Path = TEMPLATES
         if missing:
             raise RepositoryError(f"{model}/config.pbtxt: no value for {', '.join(missing)}")
         config.write_text(string.Template(text).substitute(values))
-        # Every model needs a version folder; the ensemble's holds no files (git keeps none).
+        # Every model needs a version folder (git keeps no empty one).
         (out_dir / model / "1").mkdir(exist_ok=True)
     _write_secret(out_dir / SECRET_FILE)
     return out_dir
