@@ -11,6 +11,7 @@ import click
 
 from ..policy import MODES, GenerationError, GenerationSettings
 from ..runtime.backends import BACKENDS
+from ..tokenizer import TokenizerError
 from .options import (SEED, Device, dtype_option, model_source_options, token_budget_option,
                       utf8_text)
 from .resolve import open_model_source, open_weights
@@ -115,11 +116,14 @@ def generate_command(checkpoint: Optional[Path], preset_name: Optional[str], bac
         raise click.UsageError(str(err)) from None
     context_device = context_device or device or "cpu"
     denoiser_device = denoiser_device or device or context_device
+    # Token ids in (or a file that may hold them): a checkpoint without a tokenizer will do.
+    need_tokenizer = given_ids is None and input_file is None
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         try:
             opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype,
-                                  context_device, denoiser_device, Path(scratch))
-        except BackendUnavailable as err:
+                                  context_device, denoiser_device, Path(scratch),
+                                  need_tokenizer)
+        except (BackendUnavailable, TokenizerError) as err:
             raise click.ClickException(str(err)) from None
         if input_file is not None:
             _generate_file(opened, settings, input_file, output_file, max_batch, backend)
@@ -133,10 +137,11 @@ def generate_command(checkpoint: Optional[Path], preset_name: Optional[str], bac
         check_length(len(ids), max_new_tokens, opened.max_context
                      or opened.config.max_position_embeddings)
         max_context = opened.max_context or len(ids) + max_new_tokens
-        deltas = TextDeltas(tokenizer)
+        deltas = TextDeltas(tokenizer) if tokenizer is not None else IdDeltas()
         on_delta = None
         if stream and not as_json:
-            click.echo(tokenizer.decode(ids), nl=False)
+            click.echo(deltas.prompt(ids) if tokenizer is None else tokenizer.decode(ids),
+                       nl=False)
             on_delta = lambda new: click.echo(deltas.push(new), nl=False)  # noqa: E731
         with TwoTowerSession(opened.context, opened.denoiser, opened.config, max_context,
                              opened.dtype, fused_unmask=opened.fused_unmask,
@@ -145,7 +150,7 @@ def generate_command(checkpoint: Optional[Path], preset_name: Optional[str], bac
                 result = session.generate([Request(ids, settings, on_delta)])[0]
             except (GenerationError, RuntimeError) as err:
                 raise click.ClickException(str(err)) from None
-    text = tokenizer.decode(result.tokens)
+    text = tokenizer.decode(result.tokens) if tokenizer is not None else None
     stats = {"mode": mode, "backend": backend, **result_stats(result)}
     if as_json:
         click.echo(json.dumps({"prompt_ids": ids, "generated_ids": result.tokens, "text": text,
@@ -153,6 +158,8 @@ def generate_command(checkpoint: Optional[Path], preset_name: Optional[str], bac
         return
     if stream:
         click.echo(deltas.flush())
+    elif tokenizer is None:
+        click.echo(",".join(map(str, ids + result.tokens)))
     else:
         click.echo(tokenizer.decode(ids) + text)
     per_eval = (f", {stats['tokens_per_evaluation']} tokens/evaluation"
@@ -185,7 +192,9 @@ def _generate_file(opened, settings: GenerationSettings, input_file: Path,
     from ..runtime.scheduler import SchedulerLimits
     from ..runtime.session import TwoTowerSession
 
-    lines = read_lines(input_file, settings, opened.tokenizer.encode)
+    tokenizer = opened.tokenizer
+    lines = read_lines(input_file, settings,
+                       tokenizer.encode if tokenizer is not None else _no_tokenizer)
     done = done_indices(output_file)
     todo = [line for line in lines if line.index not in done]
     longest = opened.max_context or opened.config.max_position_embeddings
@@ -200,13 +209,34 @@ def _generate_file(opened, settings: GenerationSettings, input_file: Path,
                                  max_context, opened.dtype, opened.fused_unmask,
                                  SchedulerLimits(capacity=max_batch)) as session, \
             tqdm(total=len(todo), unit="prompt", desc=f"generate ({backend})") as bar:
-        errors = run_batch(session, todo, output, opened.tokenizer.decode, 2 * max_batch,
+        errors = run_batch(session, todo, output,
+                           tokenizer.decode if tokenizer is not None else lambda ids: None,
+                           2 * max_batch,
                            on_answer=lambda record: bar.update(1))
     click.echo(f"answered {len(todo)} line(s) to {output_file} ({len(done)} already there)",
                err=True)
     if errors:
         raise click.ClickException(f"{errors} line(s) could not run: see their \"error\" in "
                                    f"{output_file}")
+
+
+class IdDeltas:
+    """What --stream prints when the model has no tokenizer: the ids, comma-separated as
+    --prompt-ids takes them, as they commit."""
+
+    def prompt(self, ids: list[int]) -> str:
+        return ",".join(map(str, ids))
+
+    def push(self, ids: list[int]) -> str:
+        return "".join(f",{i}" for i in ids)
+
+    def flush(self) -> str:
+        return ""
+
+
+def _no_tokenizer(text: str) -> list[int]:
+    raise ValueError("a text prompt needs the checkpoint's tokenizer.json, which it lacks: "
+                     "give prompt_ids instead")
 
 
 def check_length(prompt_tokens: int, max_new_tokens: int, longest: int) -> None:
@@ -220,15 +250,17 @@ def check_length(prompt_tokens: int, max_new_tokens: int, longest: int) -> None:
 
 def open_backend(backend: str, checkpoint: Optional[Path], preset_name: Optional[str],
                  build_dir: Optional[Path], dtype: str, context_device: str,
-                 denoiser_device: str, scratch: Path):
-    """The executors for ``backend``; onnxruntime without --build-dir converts first."""
+                 denoiser_device: str, scratch: Path, need_tokenizer: bool = True):
+    """The executors for ``backend``; onnxruntime without --build-dir converts first. Without
+    ``need_tokenizer`` the torch backend opens a checkpoint that has no tokenizer.json
+    (the others still read one from the build)."""
     from ..runtime import backends
 
     if backend == "torch":
         if build_dir is not None:
             raise click.UsageError("--build-dir is for the onnxruntime and tensorrt backends")
         source = open_model_source(checkpoint, preset_name, dtype, context_device,
-                                   denoiser_device)
+                                   denoiser_device, need_tokenizer)
         return backends.open_torch(source, 0)
     if backend == "onnxruntime":
         if build_dir is None:

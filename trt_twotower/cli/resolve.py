@@ -80,13 +80,32 @@ def model_config(source: Optional[Path], preset_name: Optional[str]
 
 def open_model_source(checkpoint: Optional[Path], preset_name: Optional[str],
                       dtype: Optional[str] = None, context_device: str = "cpu",
-                      denoiser_device: Optional[str] = None):
-    """The reference model with clear CLI errors for bad checkpoints."""
+                      denoiser_device: Optional[str] = None, need_tokenizer: bool = True):
+    """The reference model with clear CLI errors for bad checkpoints. A caller that brings
+    its own token ids (``need_tokenizer=False``) can open a checkpoint that has no
+    tokenizer.json; its ``tokenizer`` is then None."""
     from ..checkpoint import CheckpointError
     from ..reference.sources import open_source
+    from ..tokenizer import TOKENIZER_FILE
 
     one_source(checkpoint, preset_name)
     try:
+        if (not need_tokenizer and checkpoint is not None
+                and not (Path(checkpoint) / TOKENIZER_FILE).is_file()):
+            return _source_without_tokenizer(checkpoint, dtype, context_device,
+                                             denoiser_device)
         return open_source(checkpoint, preset_name, dtype, context_device, denoiser_device)
     except (CheckpointError, ConfigError, ValueError) as err:
         raise click.ClickException(str(err)) from None
+
+
+def _source_without_tokenizer(checkpoint: Path, dtype: Optional[str], context_device: str,
+                              denoiser_device: Optional[str]):
+    """A checkpoint's model as ``open_source`` loads it, with no tokenizer."""
+    from ..reference.loading import load_model
+    from ..reference.sources import DTYPES, ModelSource
+
+    model = load_model(checkpoint, dtype=DTYPES[dtype] if dtype else None,
+                       context_device=context_device, denoiser_device=denoiser_device)
+    return ModelSource(model.eval().requires_grad_(False), None, str(checkpoint),
+                       Path(checkpoint))

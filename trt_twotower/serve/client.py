@@ -117,9 +117,10 @@ def stream_generate(url: str, prompt: Union[str, list[int]], settings: Generatio
     ClientError when the server refuses, is unreachable or sends nothing for ``timeout``
     seconds. ``before_send`` runs once the stream is open, just before the request goes out.
 
-    A text prompt goes to the ``ensemble``; token ids go straight to the orchestrator
-    (``twotower_bls``), whose cancellation reaches the towers when the stream is cancelled
-    (a cancel of the ensemble's stream does not reach the models behind it)."""
+    A text prompt goes to ``ensemble``, token ids straight to the orchestrator
+    (``twotower_bls``). Either way a stream that ends early (``cancel_after_blocks``, a
+    timeout, this process dying) cancels the request: the orchestrator stops within a block
+    and the towers free its caches."""
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
