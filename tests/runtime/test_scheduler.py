@@ -100,7 +100,7 @@ def test_a_full_waiting_queue_refuses_with_a_busy_error(tiny_model):
     for handle in handles:
         handle.cancel()
     assert all(h.result(timeout=30).cancelled for h in handles)
-    assert session.scheduler.pool.free == [0]
+    assert session.scheduler.towers.free == [0]
 
 
 def test_cancel_and_timeout_free_the_slot_within_one_round(tiny_model):
@@ -117,7 +117,7 @@ def test_cancel_and_timeout_free_the_slot_within_one_round(tiny_model):
     timed = session.submit(Request([5, 6], settings), timeout=0.0)
     assert timed.result(timeout=30).cancelled and timed.timed_out
     capacity = session.scheduler.limits.capacity
-    assert len(session.scheduler.pool.free) == capacity
+    assert len(session.scheduler.towers.free) == capacity
 
 
 def test_streaming_yields_each_block_as_it_lands(tiny_model):
@@ -152,7 +152,7 @@ def test_an_executor_failure_reaches_its_requests_and_the_loop_goes_on(tiny_mode
     denoiser.fail = False
     again = session.generate([Request([5, 6], s)])[0]
     assert again.tokens == _session(tiny_model).generate([Request([5, 6], s)])[0].tokens
-    assert len(session.scheduler.pool.free) == session.scheduler.limits.capacity
+    assert len(session.scheduler.towers.free) == session.scheduler.limits.capacity
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_go_on(tiny_model):

@@ -88,7 +88,21 @@ def _arrays(prompt: Union[str, list[int]], settings: GenerationSettings, stream:
             _entry("block_size", settings.block_size, "INT32"),
             _entry("steps_per_block", settings.steps_per_block, "INT32"),
             _entry("confidence_threshold", settings.confidence_threshold, "FP32"),
-            _entry("seed", settings.seed, "INT64")]
+            _entry("seed", settings.seed, "INT64")] + _orchestrator_only(prompt, settings)
+
+
+def _orchestrator_only(prompt: Union[str, list[int]], settings: GenerationSettings
+                       ) -> list[tuple[str, np.ndarray, str]]:
+    """Settings the orchestrator takes and the ensemble does not pass on: sent with token
+    ids only, and only when they differ from the defaults."""
+    if isinstance(prompt, str):
+        return []
+    extra = []
+    if settings.forced_commits is not None:
+        extra.append(_entry("forced_commits", settings.forced_commits, "INT32"))
+    if not settings.stop_at_eos:
+        extra.append(_entry("ignore_eos", True, "BOOL"))
+    return extra
 
 
 def _inputs(prompt: Union[str, list[int]], settings: GenerationSettings, stream: bool
