@@ -72,7 +72,7 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--load", is_flag=True, help="Instead: the in-process engine under load, "
               "closed-loop --clients and Poisson --rates, for diffusion (first threshold), "
               "diffusion with the first --forced-commits K and AR on the same engine; "
-              "writes OUT/load.md and OUT/load.csv.")
+              "writes OUT/load.md, OUT/load.csv and OUT/load.png.")
 @click.option("--serve", is_flag=True, help="Instead: --load on the in-process engine and on "
               "a real tritonserver (gRPC streaming clients), each load on one then the other, "
               "with Triton's tokens/s ratio and tower bytes per token.")
@@ -139,7 +139,7 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
     with ``serve`` each load also through one Triton server that serves every case."""
     import csv
 
-    from ..runtime.load_benchmark import SessionTarget, format_load, run_load
+    from ..runtime.load_benchmark import SessionTarget, format_load, plot_load, run_load
     from ..runtime.scheduler import SchedulerLimits
     from ..runtime.session import TwoTowerSession
     from .generate import check_length, open_backend
@@ -186,7 +186,8 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].record()))
         writer.writeheader()
         writer.writerows(row.record() for row in rows)
-    click.echo(f"\nwrote {out / 'load.md'} and {out / 'load.csv'}")
+    click.echo(f"\nwrote {out / 'load.md'}, {out / 'load.csv'} and "
+               f"{plot_load(rows, out / 'load.png')}")
 
 
 @contextlib.contextmanager

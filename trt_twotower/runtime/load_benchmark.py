@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, ContextManager, Optional, Protocol
 
 from ..policy import GenerationSettings
@@ -222,3 +223,31 @@ def format_load(rows: list[LoadRow]) -> str:
         lines.append(f"| {r['path']} " + line + f" {r['ratio']} | {r['bytes_per_token']} |"
                      if paths else line)
     return "\n".join(lines)
+
+
+def plot_load(rows: list[LoadRow], path: Path) -> Path:
+    """Output tokens/s against closed-loop clients, one line per case and path, and the
+    first-block p50 beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    closed = [r for r in rows if r.load.endswith(" clients")]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({(r.label, r.path) for r in closed}):
+        pts = sorted((int(r.load.split()[0]), r) for r in closed if (r.label, r.path) == key)
+        style = "-" if key[1] == "in-process" else "--"
+        name = f"{key[0]} ({key[1]})"
+        left.plot([c for c, _ in pts], [r.tokens_per_second for _, r in pts], style,
+                  marker="o", label=name)
+        right.plot([c for c, _ in pts], [1000 * percentile(r.first_block, 50) for _, r in pts],
+                   style, marker="o", label=name)
+    left.set(xlabel="concurrent clients", ylabel="output tokens/s", xscale="log",
+             title="throughput")
+    right.set(xlabel="concurrent clients", ylabel="first block p50 (ms)", xscale="log",
+              yscale="log", title="time to first block")
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
