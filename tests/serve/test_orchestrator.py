@@ -39,12 +39,13 @@ class Collect:
     """A responder that keeps what the orchestrator answers."""
 
     def __init__(self, gone_after_blocks=None):
-        self.blocks, self.result, self.error = [], None, None
+        self.blocks, self.scores, self.result, self.error = [], [], None, None
         self.gone_after = gone_after_blocks
         self.ended = threading.Event()
 
-    def block(self, ids):
+    def block(self, ids, scores):
         self.blocks.append(ids)
+        self.scores.append(scores)
 
     def finish(self, result):
         self.result = result
@@ -269,3 +270,23 @@ def test_sequence_keys_are_random_not_counted():
     ids = {SequenceKey.new().id for _ in range(64)}
     assert len(ids) == 64 and all(0 <= i < 2**63 for i in ids)
     assert len({i >> 32 for i in ids}) > 1  # a PID << 32 plus a counter keeps one prefix
+
+
+def test_scores_cross_the_boundary_unchanged(tiny_model, towers):
+    s = GenerationSettings(mode="ar", max_new_tokens=5, logprobs=2, echo=True,
+                           stop_at_eos=False)
+    orchestrator = _orchestrator(tiny_model, towers)
+    responder = Collect()
+    orchestrator.submit([5, 6, 7, 8], s, responder)
+    assert responder.ended.wait(60)
+    orchestrator.close(10)
+    with TwoTowerSession(TorchContextExecutor(tiny_model), TorchDenoiserExecutor(tiny_model),
+                         tiny_model.config, MAX_CONTEXT) as session:
+        expected = session.generate([Request([5, 6, 7, 8], s)])[0]
+    got = responder.result
+    assert got.tokens == expected.tokens
+    assert got.prompt_logprobs == expected.prompt_logprobs and len(got.prompt_logprobs) == 3
+    assert got.logprobs == expected.logprobs and len(got.logprobs) == 5
+    streamed = [x for block in responder.scores for x in block["tokens"]]
+    assert [x[:2] for x in streamed] == [[t.token, t.logprob] for t in expected.logprobs]
+    assert responder.scores[0]["prompt"][0][0] == 6 and "prompt" not in responder.scores[1]

@@ -58,19 +58,20 @@ class LocalTowers:
         for slot in work.opened:
             context.empty(slot)
             denoiser.empty(slot)
-        tokens, deltas = [], []
+        tokens, scores, deltas = [], [], []
         for group in work.groups:
             for slot, keep in zip(group.rows, group.keep_previous):
                 if keep:
                     denoiser.keep_previous(slot)
-            sampled, before = context.extend(group.rows, group.ids, group.sample)
+            sampled, scored, before = context.extend(group.rows, group.ids, group.sample)
             tokens.append(sampled)
+            scores.append(scored)
             for slot, mirror, old, keep in zip(group.rows, group.mirror, before,
                                                group.keep_previous):
                 if mirror:
                     moved = denoiser.copy_from(context.pool, slot, old)
                     deltas.append(Delta(slot, None, moved, keep))
-        return ContextResult(tokens, deltas)
+        return ContextResult(tokens, deltas, scores=scores)
 
     def denoiser(self, work: DenoiserWork) -> DenoiserResult:
         """The deltas are in already (``context`` copied them)."""

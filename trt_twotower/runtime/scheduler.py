@@ -26,7 +26,7 @@ import torch
 
 from .. import policy
 from ..config import TwoTowerConfig
-from ..policy import GenerationError, GenerationSettings
+from ..policy import GenerationError, GenerationSettings, TokenScore
 from .cache import CacheFullError
 from .tower_work import (ContextWork, DenoiseGroup, DenoiserWork, ExtendGroup, MockGroup, Ref,
                          Sample, TowerPair)
@@ -36,13 +36,6 @@ from .tower_work import (ContextWork, DenoiseGroup, DenoiserWork, ExtendGroup, M
 OnDelta = Callable[[list[int]], Optional[bool]]
 
 PREFILL, DENOISE, SAMPLE, FINISHED = "prefill", "denoise", "sample", "finished"
-
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    settings: GenerationSettings
-    on_delta: Optional[OnDelta] = None
 
 
 @dataclass
@@ -65,11 +58,23 @@ class RequestResult:
     tokens: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     cancelled: bool = False
+    logprobs: list[TokenScore] = field(default_factory=list)         # one per kept token
+    prompt_logprobs: list[TokenScore] = field(default_factory=list)  # echo: prompt[1:]
 
     @property
     def tokens_per_eval(self) -> float:
         evals = self.stats.denoiser_evals
         return len(self.tokens) / evals if evals else float("nan")
+
+
+@dataclass
+class Request:
+    """One generation. Its ``result`` starts afresh each time it is queued and fills in as
+    it runs, so a streaming callback can read there the scores of the ids it is given."""
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    on_delta: Optional[OnDelta] = None
+    result: RequestResult = field(default_factory=RequestResult)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class Row:
         self.request = request
         self.ref: Optional[Ref] = None
         self.settings = request.settings
-        self.result = RequestResult()
+        self.result = request.result = RequestResult()
         self.phase = PREFILL
         prompt = request.prompt_ids
         self.mock = self.settings.mode == "mock-ar"
@@ -104,6 +109,8 @@ class Row:
         self.commit: Optional[torch.Tensor] = None    # a resolved block to push next round
         self.token: Optional[int] = None              # a token to push next round
         self.sampled: Optional[int] = None            # AR: the context tower's next token
+        self.sampled_score: Optional[TokenScore] = None
+        self.scores_prompt = self.settings.echo and self.settings.logprobs is not None
         self.cancel_requested = False
 
     @property
@@ -127,12 +134,14 @@ class Row:
         stats = self.result.stats
         setattr(stats, phase, getattr(stats, phase) + seconds)
 
-    def emit(self, ids: list[int], eos: int) -> None:
+    def emit(self, ids: list[int], eos: int, score: Optional[TokenScore] = None) -> None:
         """Keep ids (within budget, through EOS), stream them, finish on EOS, budget or a
-        cancelling callback."""
+        cancelling callback. ``score``: the one AR token's, kept with it."""
         result = self.result
         ids, done = policy.accept_tokens(len(result.tokens), ids, self.settings, eos)
         result.tokens.extend(ids)
+        if score is not None and ids:
+            result.logprobs.append(score)
         on_delta = self.request.on_delta
         if on_delta is not None and ids and on_delta(ids) is False:
             result.cancelled = done = True
@@ -221,11 +230,11 @@ class StepScheduler:
             result = self._timed(work, self.towers.context, work)
             deltas = result.deltas
             _share(self._rows_of(work), result.crossed)
-            self._took_context_step(work, result.tokens, prefilling)
+            self._took_context_step(work, result.tokens, result.scores, prefilling)
         for row in live:
             if row.sampled is not None:
                 token, row.sampled = row.sampled, None
-                self._emit_token(row, token)
+                self._emit_token(row, token, row.sampled_score)
         denoise = [r for r in live if r.phase == DENOISE]
         mock = [r for r in live if r.phase == SAMPLE and r.mock and r.token is None]
         dwork = DenoiserWork(opened=[r.ref for r in admitted if r.mirrored], deltas=deltas,
@@ -275,7 +284,9 @@ class StepScheduler:
         for row in (r for r in live if r.phase == PREFILL):
             if budget <= 0:
                 break
-            if row.pending:
+            if row.pending and row.scores_prompt:
+                budget -= self._scored_prefill(work, row, budget)
+            elif row.pending:
                 chunk, row.pending = row.pending[:budget], row.pending[budget:]
                 budget -= len(chunk)
                 done = not row.pending
@@ -295,16 +306,37 @@ class StepScheduler:
                                       sample=True, keep_previous=True))
         return work, prefilling
 
+    @staticmethod
+    def _scored_prefill(work: ContextWork, row: Row, budget: int) -> int:
+        """Echo with logprobs: the prompt goes in a token at a time (one group each, all in
+        this call), each step scoring the prompt's next token; returns the tokens pushed."""
+        prompt = row.request.prompt_ids
+        pushed = 0
+        while row.pending and pushed < budget:
+            index = len(prompt) - len(row.pending)
+            token, row.pending = row.pending[0], row.pending[1:]
+            target = prompt[index + 1] if index + 1 < len(prompt) else None
+            sample = Sample(row.settings, 0, target) if target is not None else \
+                row.next_sample()
+            work.groups.append(ExtendGroup([row.ref], torch.tensor([[token]]), [row.mirrored],
+                                           [False], [sample]))
+            pushed += 1
+        return pushed
+
     def _took_context_step(self, work: ContextWork, tokens: list[list[Optional[int]]],
-                           prefilling: list[Row]) -> None:
+                           scores: list[list[Optional[TokenScore]]], prefilling: list[Row]
+                           ) -> None:
         by_ref = {r.ref: r for r in self.rows}
-        for group, sampled in zip(work.groups, tokens):
-            for ref, token, mirror in zip(group.rows, sampled, group.mirror):
+        for group, sampled, scored in zip(work.groups, tokens, scores or
+                                          [[None] * len(g.rows) for g in work.groups]):
+            for ref, token, score, sample in zip(group.rows, sampled, scored, group.sample):
                 row = by_ref[ref]
                 row.result.stats.context_steps += 1
                 row.commit = row.token = None
-                if token is not None:
-                    row.sampled = token
+                if sample is not None and sample.target is not None:
+                    row.result.prompt_logprobs.append(score)
+                elif token is not None:
+                    row.sampled, row.sampled_score = token, score
         for row in prefilling:
             row.phase = DENOISE if row.diffusion else SAMPLE
 
@@ -346,10 +378,10 @@ class StepScheduler:
             row.result.stats.denoiser_evals += 1
             self._emit_token(row, token)
 
-    def _emit_token(self, row: Row, token: int) -> None:
+    def _emit_token(self, row: Row, token: int, score: Optional[TokenScore] = None) -> None:
         """An AR or mock-AR token: kept, streamed, and pushed through the context tower next
         round unless the row is finished."""
-        row.emit([token], self.config.eos_token_id)
+        row.emit([token], self.config.eos_token_id, score)
         if row.phase != FINISHED:
             row.latest, row.step = token, row.step + 1
             row.token = token

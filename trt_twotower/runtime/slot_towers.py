@@ -17,7 +17,7 @@ import torch
 
 from .. import policy
 from ..config import TwoTowerConfig
-from ..policy import GenerationSettings
+from ..policy import GenerationSettings, TokenScore
 from .cache import StepCache
 from .cache_delta import apply_delta, pack_delta
 from .executor import ContextExecutor, DenoiserExecutor
@@ -73,16 +73,23 @@ class ContextSlots:
         _empty(self.pool, slot)
 
     def extend(self, slots: list[int], ids: torch.Tensor, sample: list[Optional[Sample]]
-               ) -> tuple[list[Optional[int]], list[int]]:
-        """One step of ids [R, T] over ``slots``; returns each row's sampled token (None
-        where it asks none) and its length before the step (where its delta starts)."""
+               ) -> tuple[list[Optional[int]], list[Optional[TokenScore]], list[int]]:
+        """One step of ids [R, T] over ``slots``; returns each row's next token (sampled, or
+        its target; None where it asks none) with its score where its settings ask for
+        logprobs, and its length before the step (where its delta starts)."""
         cache = gather(self.pool, slots)
         before = cache.lengths.tolist()
         logits = self.executor.context_step(ids, cache)
         scatter(self.pool, slots, cache)
-        tokens = [None if s is None else _sample(logits[i:i + 1], s.settings, s.step_key)
-                  for i, s in enumerate(sample)]
-        return tokens, before
+        tokens, scores = [], []
+        for i, s in enumerate(sample):
+            token = None if s is None else s.target if s.target is not None else \
+                _sample(logits[i:i + 1], s.settings, s.step_key)
+            tokens.append(token)
+            wanted = s is not None and s.settings.logprobs is not None
+            scores.append(policy.score_token(logits[i], token, s.settings.logprobs)
+                          if wanted else None)
+        return tokens, scores, before
 
     def delta(self, slot: int, old_length: int) -> np.ndarray:
         """What the denoiser's copy of ``slot`` needs since it held ``old_length``."""

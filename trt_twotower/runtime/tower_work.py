@@ -19,16 +19,19 @@ from typing import Any, Hashable, Optional, Protocol
 
 import torch
 
-from ..policy import GenerationSettings
+from ..policy import GenerationSettings, TokenScore
 
 Ref = Hashable
 
 
 @dataclass(frozen=True)
 class Sample:
-    """Sample the next token from a row's logits: its settings and step key (AR)."""
+    """Sample the next token from a row's logits by its settings and step key (AR); or, with
+    a ``target``, take that token (a prompt's next one). Either is scored when the settings
+    ask for logprobs."""
     settings: GenerationSettings
     step_key: int
+    target: Optional[int] = None
 
 
 @dataclass
@@ -70,6 +73,7 @@ class ContextResult:
     tokens: list[list[Optional[int]]]   # per group, per row: the sampled token or None
     deltas: list[Delta]                 # in group order, for the mirroring rows
     crossed: int = 0                    # bytes the call moved between processes
+    scores: list[list[Optional[TokenScore]]] = field(default_factory=list)  # per group, row
 
 
 @dataclass

@@ -93,7 +93,7 @@ class RemoteTowers:
         work.released = self._releases(CONTEXT_MODEL)
         for key in work.opened:
             self.open[key] = False
-        outputs = ["token", "cache_delta"] if work.groups else []
+        outputs = ["token", "cache_delta", "score"] if work.groups else []
         result = decode_context_result(work, self._send(
             CONTEXT_MODEL, encode_context(work, self.secret), outputs))
         result.crossed = self.crossed

@@ -22,7 +22,7 @@ import time
 from typing import Optional, Protocol
 
 from ..config import TwoTowerConfig
-from ..policy import GenerationSettings
+from ..policy import GenerationSettings, TokenScore
 from ..runtime.scheduler import Request, RequestResult, SchedulerLimits
 from ..runtime.session import Handle, TwoTowerSession
 from .bls_link import RemoteTowers, TowerCall
@@ -31,11 +31,17 @@ WATCH_SECONDS = 0.1
 LOG = logging.getLogger(__name__)
 
 
+def scores_json(scores: list[TokenScore]) -> list[list]:
+    """Scores as they travel to clients: [token, logprob, [[token, logprob], ...]] each."""
+    return [[s.token, s.logprob, [list(pair) for pair in s.top]] for s in scores]
+
+
 class Responder(Protocol):
     """One request's way back to its client."""
 
-    def block(self, ids: list[int]) -> None:
-        """A committed block (a token in AR modes), when the client streams."""
+    def block(self, ids: list[int], scores: Optional[dict]) -> None:
+        """A committed block (a token in AR modes), when the client streams; with its
+        tokens' scores (and, the first time, the prompt's) when the request asks for them."""
 
     def finish(self, result: RequestResult) -> None:
         """The request ended: its tokens (unless streamed) and stats; or a cancel."""
@@ -65,13 +71,24 @@ class Orchestrator:
     def submit(self, prompt_ids: list[int], settings: GenerationSettings,
                responder: Responder) -> Handle:
         """Queue a request; raises ``SessionBusy`` or a ``GenerationError`` at once."""
+        request = Request(prompt_ids, settings)
+        sent_prompt = [False]
+
         def on_delta(ids: list[int]) -> Optional[bool]:
             if self._stopping.is_set():
                 return False
-            self._answers.put((responder.block, ids))
+            scores = None
+            if settings.logprobs is not None:
+                kept = request.result.logprobs
+                scores = {"tokens": scores_json(kept[len(kept) - len(ids):])}
+                if not sent_prompt[0]:
+                    scores["prompt"] = scores_json(request.result.prompt_logprobs)
+                    sent_prompt[0] = True
+            self._answers.put((lambda value: responder.block(*value), (ids, scores)))
             return None
 
-        handle = self.session.submit(Request(prompt_ids, settings, on_delta))
+        request.on_delta = on_delta
+        handle = self.session.submit(request)
         with self._lock:
             self.live[handle] = responder
         handle.add_done_callback(self._ended)

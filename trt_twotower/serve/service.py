@@ -17,7 +17,7 @@ DEFAULTS = {"mode": _SETTINGS.mode, "block_size": _SETTINGS.block_size,
             "confidence_threshold": _SETTINGS.confidence_threshold,
             "temperature": _SETTINGS.temperature, "top_k": 0, "top_p": 1.0,
             "seed": _SETTINGS.seed, "stream": False, "forced_commits": 0,
-            "ignore_eos": not _SETTINGS.stop_at_eos}
+            "ignore_eos": not _SETTINGS.stop_at_eos, "logprobs": -1, "echo": False}
 
 
 def _real(value: Any) -> float:
@@ -83,7 +83,9 @@ def settings_from_inputs(values: dict[str, Any], prompt_length: int, limits: Ser
             temperature=_real(v["temperature"]), top_k=int(v["top_k"]) or None,
             top_p=_real(v["top_p"]) if _real(v["top_p"]) < 1.0 else None, seed=int(v["seed"]),
             forced_commits=int(v["forced_commits"]) or None,
-            stop_at_eos=not bool(v["ignore_eos"]))
+            stop_at_eos=not bool(v["ignore_eos"]),
+            logprobs=None if int(v["logprobs"]) < 0 else int(v["logprobs"]),
+            echo=bool(v["echo"]))
     except GenerationError as err:
         raise RequestError(str(err)) from err
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..runtime.cache_delta import HEADER_BYTES
+from ..policy import TokenScore
 from ..runtime.tower_work import (ContextResult, ContextWork, Delta, DenoiseGroup,
                                   DenoiserResult, DenoiserWork, ExtendGroup, MockGroup, Sample)
 from .towers import (ContextTower, DenoiserTower, SequenceKey, TowerRequestError,
@@ -125,16 +126,33 @@ def encode_context(work: ContextWork, secret: str) -> dict[str, np.ndarray]:
                 np.int64),
             mirror=np.array([m for g in work.groups for m in g.mirror], dtype=bool),
             sample=_texts(["" if s is None else settings_to_json(s.settings) for s in sample]),
-            step_key=_ints([0 if s is None else s.step_key for s in sample]))
+            step_key=_ints([0 if s is None else s.step_key for s in sample]),
+            target=_ints([NO_TOKEN if s is None or s.target is None else s.target
+                          for s in sample]))
     return inputs
+
+
+def _score_json(score: Optional[TokenScore]) -> bytes:
+    if score is None:
+        return b""
+    return json.dumps([score.token, score.logprob, score.top]).encode()
+
+
+def _score(text: bytes) -> Optional[TokenScore]:
+    if not text:
+        return None
+    token, logprob, top = json.loads(text)
+    return TokenScore(int(token), float(logprob), tuple((int(i), float(v)) for i, v in top))
 
 
 def decode_context_result(work: ContextWork, outputs: dict[str, np.ndarray]) -> ContextResult:
     tokens = outputs["token"].reshape(-1).tolist() if work.groups else []
     deltas = outputs["cache_delta"].reshape(-1) if work.groups else []
-    per_group, at, mirrored, keep = [], 0, [], []
+    scores = outputs["score"].reshape(-1).tolist() if work.groups else []
+    per_group, per_group_scores, at, mirrored, keep = [], [], 0, [], []
     for g in work.groups:
         per_group.append([None if t == NO_TOKEN else int(t) for t in tokens[at:at + len(g.rows)]])
+        per_group_scores.append([_score(x) for x in scores[at:at + len(g.rows)]])
         at += len(g.rows)
         mirrored += [k for k, m in zip(g.rows, g.mirror) if m]
         keep += [kp for kp, m in zip(g.keep_previous, g.mirror) if m]
@@ -143,7 +161,8 @@ def decode_context_result(work: ContextWork, outputs: dict[str, np.ndarray]) -> 
                                 f"{len(mirrored)} mirrored rows")
     # a delta's size is its tensors' bytes, as in process; its header is bookkeeping
     return ContextResult(per_group, [Delta(k, d, len(d) - HEADER_BYTES, kp)
-                                     for k, d, kp in zip(mirrored, deltas, keep)])
+                                     for k, d, kp in zip(mirrored, deltas, keep)],
+                         scores=per_group_scores)
 
 
 def encode_denoiser(work: DenoiserWork, secret: str) -> dict[str, np.ndarray]:
@@ -194,11 +213,12 @@ def _context_work(inputs: Inputs) -> ContextWork:
     rows = _read_keys(inputs, "row")
     groups = _groups(inputs, len(rows))
     mirror, samples = _get(inputs, "mirror"), _get(inputs, "sample")
-    keys = _get(inputs, "step_key")
-    for name, value in (("mirror", mirror), ("sample", samples), ("step_key", keys)):
+    keys, targets = _get(inputs, "step_key"), _get(inputs, "target")
+    for name, value in (("mirror", mirror), ("sample", samples), ("step_key", keys),
+                        ("target", targets)):
         _need_length(name, value, len(rows))
-    sample = [Sample(settings_from_json(_text(s)), int(k)) if _text(s) else None
-              for s, k in zip(samples, keys)]
+    sample = [Sample(settings_from_json(_text(s)), int(k), None if t == NO_TOKEN else int(t))
+              if _text(s) else None for s, k, t in zip(samples, keys, targets)]
     return ContextWork(_read_keys(inputs, "open"),
                        [ExtendGroup(rows[at], ids, [bool(m) for m in mirror[at]],
                                     [False] * ids.shape[0], sample[at])
@@ -253,7 +273,9 @@ def handle(tower: Union[ContextTower, DenoiserTower], inputs: Inputs, secret: st
         tokens = [NO_TOKEN if t is None else t for group in result.tokens for t in group]
         return {"token": _ints(tokens),
                 "cache_delta": np.array([d.payload.tobytes() for d in result.deltas],
-                                        dtype=np.object_)}
+                                        dtype=np.object_),
+                "score": np.array([_score_json(x) for group in result.scores for x in group],
+                                  dtype=np.object_)}
     result = tower.round(_denoiser_work(inputs))
     blocks = torch.cat([b.reshape(-1) for b in result.blocks]) if result.blocks else \
         torch.zeros(0, dtype=torch.long)

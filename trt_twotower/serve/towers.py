@@ -145,17 +145,18 @@ class ContextTower:
             self.table.release(sequence)
         for sequence in work.opened:
             self.slots.empty(self.table.open(sequence))
-        tokens, deltas = [], []
+        tokens, scores, deltas = [], [], []
         for group in work.groups:
             slots = [self.table.slot(s) for s in group.rows]
-            sampled, before = self.slots.extend(slots, group.ids, group.sample)
+            sampled, scored, before = self.slots.extend(slots, group.ids, group.sample)
             tokens.append(sampled)
+            scores.append(scored)
             for sequence, slot, old, mirror, keep in zip(group.rows, slots, before,
                                                          group.mirror, group.keep_previous):
                 if mirror:
                     payload = self.slots.delta(slot, old)
                     deltas.append(Delta(sequence, payload, int(payload.size), keep))
-        return ContextResult(tokens, deltas)
+        return ContextResult(tokens, deltas, scores=scores)
 
     def stats(self) -> dict:
         return self.table.stats(_slot_bytes(self.slots.pool))

@@ -12,13 +12,14 @@ import triton_python_backend_utils as pb_utils
 from trt_twotower.runtime.scheduler import SchedulerLimits
 from trt_twotower.serve.bls_link import bls_call
 from trt_twotower.serve.hosting import source_config
-from trt_twotower.serve.orchestrator import Orchestrator
+from trt_twotower.serve.orchestrator import Orchestrator, scores_json
 from trt_twotower.serve.repository import tower_secret
 from trt_twotower.serve.service import (RequestError, ServiceLimits, settings_from_inputs,
                                         stats_json)
 
 SCALARS = ("max_tokens", "stream", "temperature", "top_k", "top_p", "mode", "block_size",
-           "steps_per_block", "confidence_threshold", "seed", "forced_commits", "ignore_eos")
+           "steps_per_block", "confidence_threshold", "seed", "forced_commits", "ignore_eos",
+           "logprobs", "echo")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 SHUTDOWN_SECONDS = 20.0
 
@@ -28,10 +29,12 @@ def _scalar(request, name):
     return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
 
-def _response(ids, stats=b""):
+def _response(ids, stats=b"", scores=None):
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
-        pb_utils.Tensor("stats", np.array([stats], dtype=np.object_))])
+        pb_utils.Tensor("stats", np.array([stats], dtype=np.object_)),
+        pb_utils.Tensor("logprobs", np.array([b"" if scores is None else
+                                              json.dumps(scores).encode()], dtype=np.object_))])
 
 
 def _error(sender, message):
@@ -41,19 +44,23 @@ def _error(sender, message):
 class _Responder:
     """A request's response sender, as the orchestrator answers through it."""
 
-    def __init__(self, sender, stream):
-        self.sender, self.stream = sender, stream
+    def __init__(self, sender, stream, settings):
+        self.sender, self.stream, self.settings = sender, stream, settings
 
-    def block(self, ids):
+    def block(self, ids, scores):
         if self.stream:
-            self.sender.send(_response(ids))
+            self.sender.send(_response(ids, scores=scores))
 
     def finish(self, result):
         if result.cancelled:
             self.sender.send(flags=FINAL)
+        elif self.stream:
+            self.sender.send(_response([], stats_json(result)), flags=FINAL)
         else:
-            self.sender.send(_response([] if self.stream else result.tokens,
-                                       stats_json(result)), flags=FINAL)
+            scores = None if self.settings.logprobs is None else {
+                "tokens": scores_json(result.logprobs),
+                "prompt": scores_json(result.prompt_logprobs)}
+            self.sender.send(_response(result.tokens, stats_json(result), scores), flags=FINAL)
 
     def fail(self, message):
         _error(self.sender, message)
@@ -83,7 +90,7 @@ class TritonPythonModel:
                 values = {name: _scalar(request, name) for name in SCALARS}
                 settings = settings_from_inputs(values, ids.size, self.limits)
                 self.orchestrator.submit([int(i) for i in ids.reshape(-1)], settings,
-                                         _Responder(sender, bool(values["stream"])))
+                                         _Responder(sender, bool(values["stream"]), settings))
             except RequestError as err:
                 _error(sender, str(err))
             except Exception as err:  # busy, a prompt the loop refuses: this request only
