@@ -25,6 +25,7 @@ MASK_LOGIT = -1e12  # what the MDLM step writes into the mask token's logit (spe
 GUMBEL_U_MIN = 1e-10
 
 MODES = ("diffusion", "mock-ar", "ar")
+MAX_LOGPROBS = 20
 
 
 class GenerationError(TwoTowerError, ValueError):
@@ -46,6 +47,8 @@ class GenerationSettings:
     seed: int = 0
     stop_at_eos: bool = True
     forced_commits: Optional[int] = None  # benchmarks: commit exactly K per step
+    logprobs: Optional[int] = None  # AR: each token's log-probability and this many top ones
+    echo: bool = False              # also score every prompt token after the first
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +78,12 @@ class GenerationSettings:
         if self.forced_commits is not None and not 1 <= self.forced_commits <= self.block_size:
             raise GenerationError(f"forced_commits must lie in [1, block_size], got "
                                   f"{self.forced_commits!r}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise GenerationError(f"logprobs must lie in [0, {MAX_LOGPROBS}], got "
+                                  f"{self.logprobs!r}")
+        if self.logprobs is not None and self.mode != "ar":
+            raise GenerationError("logprobs score tokens by AR's next-token distribution, "
+                                  "which only mode 'ar' samples from: send mode 'ar'")
 
 
 def blocks_needed(max_new_tokens: int, block_size: int) -> int:
@@ -245,6 +254,24 @@ def sample_next(logits: torch.Tensor, settings: GenerationSettings, seeds: torch
     """AR and mock-AR's next tokens [B] under a request's sampling settings."""
     return sample_tokens(logits, settings.temperature, settings.top_k, settings.top_p, seeds,
                          step_key)
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """A token's log-probability under the context tower's next-token distribution (before
+    temperature, top-k or top-p), and the ``top`` most likely tokens with theirs."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def score_token(logits: torch.Tensor, token: int, top: int) -> TokenScore:
+    """Score ``token`` against next-token logits [V] (or [1, V])."""
+    logp = torch.log_softmax(logits.float().reshape(-1), -1)
+    best = torch.topk(logp, top) if top else None
+    pairs = () if best is None else tuple(
+        (int(i), float(v)) for i, v in zip(best.indices.tolist(), best.values.tolist()))
+    return TokenScore(int(token), float(logp[token]), pairs)
 
 
 # --- what a request keeps of the tokens it is given ----------------------------------------

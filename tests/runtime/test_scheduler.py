@@ -100,7 +100,7 @@ def test_a_full_waiting_queue_refuses_with_a_busy_error(tiny_model):
     for handle in handles:
         handle.cancel()
     assert all(h.result(timeout=30).cancelled for h in handles)
-    assert session.scheduler.pool.free == [0]
+    assert session.scheduler.towers.free == [0]
 
 
 def test_cancel_and_timeout_free_the_slot_within_one_round(tiny_model):
@@ -117,7 +117,7 @@ def test_cancel_and_timeout_free_the_slot_within_one_round(tiny_model):
     timed = session.submit(Request([5, 6], settings), timeout=0.0)
     assert timed.result(timeout=30).cancelled and timed.timed_out
     capacity = session.scheduler.limits.capacity
-    assert len(session.scheduler.pool.free) == capacity
+    assert len(session.scheduler.towers.free) == capacity
 
 
 def test_streaming_yields_each_block_as_it_lands(tiny_model):
@@ -152,7 +152,7 @@ def test_an_executor_failure_reaches_its_requests_and_the_loop_goes_on(tiny_mode
     denoiser.fail = False
     again = session.generate([Request([5, 6], s)])[0]
     assert again.tokens == _session(tiny_model).generate([Request([5, 6], s)])[0].tokens
-    assert len(session.scheduler.pool.free) == session.scheduler.limits.capacity
+    assert len(session.scheduler.towers.free) == session.scheduler.limits.capacity
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_go_on(tiny_model):
@@ -201,3 +201,43 @@ def test_requests_can_be_awaited_from_asyncio_while_the_loop_stays_free(tiny_mod
     results, ticks = asyncio.run(main())
     assert [len(r.tokens) for r in results] == [6] * 8 and ticks > 1
     assert results[3].tokens == _session(tiny_model).generate([Request([8], s)])[0].tokens
+
+
+def _full_pass_logprobs(model, ids):
+    """log p(ids[j + 1] | ids[:j + 1]) for every j, from one parallel forward pass over the
+    whole sequence: independent of the loop's token-by-token steps."""
+    with torch.no_grad():
+        logits = model.context_logits(torch.tensor([ids]), model.new_cache(1))[0]
+    return torch.log_softmax(logits, -1)
+
+
+def test_echo_and_logprobs_score_each_token_as_one_full_forward_pass_does(tiny_model):
+    """Tolerance 1e-4 (fp32, step-by-step against parallel attention and scan)."""
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(4, tiny_model.config.vocab_size, (9,), generator=gen).tolist()
+    scored = GenerationSettings(mode="ar", max_new_tokens=6, temperature=0.8, top_k=40,
+                                seed=4, stop_at_eos=False, logprobs=3, echo=True)
+    other = GenerationSettings(mode="diffusion", max_new_tokens=8, block_size=4)
+    result, _ = _session(tiny_model).generate([Request(prompt, scored), Request([5, 6], other)])
+    ids = prompt + result.tokens
+    logp = _full_pass_logprobs(tiny_model, ids)
+    scores = result.prompt_logprobs + result.logprobs
+    assert len(result.prompt_logprobs) == len(prompt) - 1 and len(result.logprobs) == 6
+    assert [s.token for s in scores] == ids[1:]
+    for j, score in enumerate(scores):
+        assert abs(score.logprob - float(logp[j, ids[j + 1]])) < 1e-4
+        best = torch.topk(logp[j], 3)
+        assert [t for t, _ in score.top] == best.indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(score.top, best.values.tolist())) < 1e-4
+    plain = _session(tiny_model).generate([Request(prompt, GenerationSettings(
+        mode="ar", max_new_tokens=6, temperature=0.8, top_k=40, seed=4, stop_at_eos=False))])
+    assert plain[0].tokens == result.tokens, "scoring does not change what is sampled"
+
+
+def test_logprobs_are_refused_outside_ar_mode():
+    from trt_twotower.policy import GenerationError
+    for mode in ("diffusion", "mock-ar"):
+        with pytest.raises(GenerationError, match="only mode .ar. samples from"):
+            GenerationSettings(mode=mode, logprobs=1)
+    with pytest.raises(GenerationError, match=r"logprobs must lie in \[0, 20\]"):
+        GenerationSettings(mode="ar", logprobs=21)

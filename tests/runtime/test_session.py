@@ -60,20 +60,20 @@ def _expected_block_bytes(config, tokens):
 def test_mirror_equals_context_cache_and_moves_one_block_per_commit(tiny_model, rng):
     config = tiny_model.config
     session = _session(tiny_model)
-    scheduler = session.scheduler
+    context, denoiser = session.scheduler.towers.slots
     seen = []
-    original = scheduler._mirror
+    original = denoiser.copy_from
 
-    def checked_mirror(slot, old):
-        moved = original(slot, old)
-        src, dst = scheduler.pool.context, scheduler.pool.mirror
+    def checked_copy(source, slot, old):
+        moved = original(source, slot, old)
+        src, dst = context.pool, denoiser.pool
         for name, t in src.tensors.items():
             assert torch.equal(t[slot], dst.tensors[name][slot]), name
         assert src.lengths[slot] == dst.lengths[slot]
         seen.append(moved)
         return moved
 
-    scheduler._mirror = checked_mirror
+    denoiser.copy_from = checked_copy
     s = GenerationSettings(max_new_tokens=24, block_size=8, steps_per_block=8, stop_at_eos=False)
     session.generate([Request(p, s) for p in _prompts(tiny_model, rng, (5, 2))])
     assert seen[:2] == [_expected_block_bytes(config, 5), _expected_block_bytes(config, 2)]
@@ -93,21 +93,21 @@ def test_cancellation_stops_a_request_and_frees_its_rows(tiny_model, rng):
     s = GenerationSettings(max_new_tokens=32, block_size=8, steps_per_block=8, stop_at_eos=False)
     session = _session(tiny_model)
     batches = []
-    original = session.scheduler._context_step
+    towers = session.scheduler.towers
+    original = towers.context
 
-    def spy(rows, ids, phase, keep_previous=False):
-        if phase == "commit_seconds":
-            batches.append(len(rows))
-        return original(rows, ids, phase, keep_previous)
+    def spy(work):  # the 4-token prompts go in alone; a block commit is [rows, 8]
+        batches.extend(len(g.rows) for g in work.groups if g.ids.shape[1] == 8)
+        return original(work)
 
-    session.scheduler._context_step = spy
+    towers.context = spy
     prompts = _prompts(tiny_model, rng, (4, 4))
     results = session.generate([Request(prompts[0], s, lambda ids: False),
                                 Request(prompts[1], s)])
     assert results[0].cancelled and len(results[0].tokens) == 8
     assert not results[1].cancelled and len(results[1].tokens) == 32
     assert batches == [1, 1, 1]  # after the first block only the live row is extended
-    assert len(session.scheduler.pool.free) == session.scheduler.limits.capacity
+    assert len(session.scheduler.towers.free) == session.scheduler.limits.capacity
     alone = _session(tiny_model).generate([Request(prompts[1], s)])[0]
     assert alone.tokens == results[1].tokens
 

@@ -122,8 +122,9 @@ def test_a_stop_list_cuts_at_the_first_stop_streaming_or_not(client, reference):
 @pytest.mark.parametrize("changes,param", [
     ({"max_tokens": 0}, "max_tokens"),
     ({"n": 2}, "n"),
-    ({"logprobs": 1}, "logprobs"),
-    ({"echo": True}, "echo"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": 1, "extra_body": {"mode": "diffusion"}}, "logprobs"),
+    ({"logprobs": 1, "stream": True}, "logprobs"),
     ({"top_p": 1.5}, "top_p"),
     ({"extra_body": {"mode": "beam"}}, "mode"),
     ({"extra_body": {"block_size": 4}}, "block_size"),  # the server refuses it
@@ -134,6 +135,45 @@ def test_a_bad_parameter_is_a_400_that_names_it(client, changes, param):
     with pytest.raises(BadRequestError) as caught:
         _complete(client, **changes)
     assert caught.value.status_code == 400 and caught.value.param == param
+
+
+def test_logprobs_with_echo_score_prompt_and_completion_as_the_model_does(client):
+    """The official client's logprobs object against one full forward pass of the built-in
+    model's context tower over prompt + completion (fp32; tolerance 1e-4)."""
+    import torch
+
+    from trt_twotower.reference.sources import open_source
+    out = _complete(client, logprobs=2, echo=True, max_tokens=6)
+    choice = out.choices[0]
+    lp = choice.logprobs
+    tokenizer = builtin_tokenizer()
+    prompt_ids = tokenizer.encode(PROMPT)
+    assert choice.text.startswith(PROMPT) and "".join(lp.tokens) == choice.text
+    assert len(lp.tokens) == len(prompt_ids) + out.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    ids = tokenizer.encode(choice.text)
+    assert ids[:len(prompt_ids)] == prompt_ids
+    model = open_source(None, None).model
+    with torch.no_grad():
+        logp = torch.log_softmax(model.context_logits(torch.tensor([ids]),
+                                                      model.new_cache(1))[0], -1)
+    for j in range(1, len(ids)):
+        assert abs(lp.token_logprobs[j] - float(logp[j - 1, ids[j]])) < 1e-4
+        assert len(lp.top_logprobs[j]) <= 2
+        assert max(lp.top_logprobs[j].values()) == pytest.approx(float(logp[j - 1].max()),
+                                                                 abs=1e-4)
+
+
+def test_echo_alone_prepends_the_prompt_and_logprobs_alone_cover_the_completion(client):
+    plain = _complete(client, max_tokens=8)
+    echoed = _complete(client, max_tokens=8, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    assert echoed.choices[0].logprobs is None
+    scored = _complete(client, max_tokens=5, logprobs=0)
+    lp = scored.choices[0].logprobs
+    assert "".join(lp.tokens) == scored.choices[0].text and len(lp.token_logprobs) == 5
+    assert lp.text_offset[0] == len(PROMPT) and all(t == {} for t in lp.top_logprobs)
 
 
 def test_a_wrong_key_is_401_and_an_unknown_model_404(api, client):

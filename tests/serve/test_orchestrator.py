@@ -1,92 +1,173 @@
-"""Generation over two tower hosts (what the Triton models run) equals the in-process session,
-keeps caches only in the towers, and frees them however a request ends."""
+"""The orchestrator's loop over two tower objects, through the very tensors a Triton tower
+model receives (``direct_call``): it equals the in-process session, keeps caches only in the
+towers, batches every live request into one call per tower and round, and frees a sequence
+however its request ends. The towers refuse what only a stray or hostile caller would send."""
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 
 from trt_twotower.policy import GenerationSettings
+from trt_twotower.runtime.cache import CacheFullError
+from trt_twotower.runtime.scheduler import SchedulerLimits
 from trt_twotower.runtime.session import Request, TwoTowerSession
 from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoiserExecutor
-from trt_twotower.serve.orchestrator import LocalLink, generate
-from trt_twotower.serve.towers import (ContextTower, DenoiserTower, SequenceKey, TowerBusy,
-                                       TowerRequestError, UnknownSequence, settings_from_json,
-                                       settings_to_json)
+from trt_twotower.runtime.tower_work import ContextWork, DenoiserWork, ExtendGroup, MockGroup
+from trt_twotower.serve.bls_link import TowerCallError, direct_call
+from trt_twotower.serve.orchestrator import Orchestrator
+from trt_twotower.serve.repository import CONTEXT_MODEL, DENOISER_MODEL
+from trt_twotower.serve.tower_requests import (TowerAccessDenied, encode_context,
+                                               encode_denoiser, handle)
+from trt_twotower.serve.towers import (ContextTower, DenoiserTower, SequenceKey, SlotTable,
+                                       TowerBusy, TowerRequestError, UnknownSequence,
+                                       settings_from_json, settings_to_json)
 
 MAX_CONTEXT = 80
+SECRET = "s3cret"
 
 
 @pytest.fixture
 def towers(tiny_model):
     c = tiny_model.config
-    return (ContextTower(TorchContextExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 4),
-            DenoiserTower(TorchDenoiserExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 4))
+    return (ContextTower(TorchContextExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 8),
+            DenoiserTower(TorchDenoiserExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 8))
 
 
-def _run(model, towers, prompt, settings, sequence=None, on_delta=None):
-    link = LocalLink(*towers)
-    return generate(link, sequence or SequenceKey.new(), prompt, settings, model.config,
-                    on_delta)
+class Collect:
+    """A responder that keeps what the orchestrator answers."""
+
+    def __init__(self, gone_after_blocks=None):
+        self.blocks, self.scores, self.result, self.error = [], [], None, None
+        self.gone_after = gone_after_blocks
+        self.ended = threading.Event()
+
+    def block(self, ids, scores):
+        self.blocks.append(ids)
+        self.scores.append(scores)
+
+    def finish(self, result):
+        self.result = result
+        self.ended.set()
+
+    def fail(self, message):
+        self.error = message
+        self.ended.set()
+
+    def gone(self):
+        return self.gone_after is not None and len(self.blocks) >= self.gone_after
 
 
-@pytest.mark.parametrize("mode", ["diffusion", "mock-ar", "ar"])
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
-@pytest.mark.parametrize("prompt_length", [1, 6])
-def test_equals_the_in_process_session(tiny_model, towers, rng, mode, temperature,
-                                       prompt_length):
-    s = GenerationSettings(mode=mode, max_new_tokens=16, block_size=8, steps_per_block=5,
-                           temperature=temperature, top_k=40 if temperature else None,
-                           confidence_threshold=0.3, seed=11, stop_at_eos=False)
-    prompt = torch.randint(4, tiny_model.config.vocab_size, (prompt_length,),
-                           generator=rng).tolist()
+def _orchestrator(model, towers, calls=None, capacity=8):
+    call = direct_call(*towers, SECRET)
+
+    def counted(name, inputs, outputs):
+        if calls is not None:
+            calls.append((name, inputs))
+        return call(name, inputs, outputs)
+    return Orchestrator(counted, SECRET, model.config, MAX_CONTEXT,
+                        SchedulerLimits(capacity=capacity), max_waiting=16)
+
+
+def _mixed(model, rng, count):
+    out = []
+    for i in range(count):
+        mode = ("diffusion", "mock-ar", "ar")[i % 3]
+        temperature = (0.0, 0.8)[i % 2]
+        s = GenerationSettings(mode=mode, max_new_tokens=8 + 4 * (i % 3), block_size=8,
+                               steps_per_block=4 + i % 3, temperature=temperature,
+                               top_k=40 if temperature else None,
+                               confidence_threshold=(0.3, 0.9)[i % 2], seed=100 + i,
+                               stop_at_eos=False)
+        prompt = torch.randint(4, model.config.vocab_size, (1 + i % 6,),
+                               generator=rng).tolist()
+        out.append((prompt, s))
+    return out
+
+
+def test_mixed_requests_equal_their_solo_in_process_tokens_and_share_each_call(
+        tiny_model, towers, rng):
+    jobs = _mixed(tiny_model, rng, 12)
+    calls = []
+    orchestrator = _orchestrator(tiny_model, towers, calls)
+    collected = [Collect() for _ in jobs]
+    for (prompt, s), responder in zip(jobs, collected):
+        orchestrator.submit(prompt, s, responder)
+    assert all(r.ended.wait(120) for r in collected)
+    orchestrator.close(10)
     session = TwoTowerSession(TorchContextExecutor(tiny_model),
                               TorchDenoiserExecutor(tiny_model), tiny_model.config, MAX_CONTEXT)
-    expected = session.generate([Request(prompt, s)])[0]
-    got = _run(tiny_model, towers, prompt, s)
-    assert got.tokens == expected.tokens and len(got.tokens) == 16
-    assert got.stats.denoiser_evals == expected.stats.denoiser_evals
-    assert got.stats.context_steps == expected.stats.context_steps
-    if mode == "diffusion":
-        assert got.stats.handoff_bytes == expected.stats.handoff_bytes
-    assert all(t.stats()["live_sequences"] == 0 for t in towers)
-
-
-def test_a_cancelled_request_frees_both_towers(tiny_model, towers, rng):
-    blocks = []
-    s = GenerationSettings(max_new_tokens=32, block_size=8, steps_per_block=8)
-    result = _run(tiny_model, towers, [5, 6, 7], s,
-                  on_delta=lambda ids: blocks.append(ids) or len(blocks) < 2)
-    assert result.cancelled and len(result.tokens) == 16 and len(blocks) == 2
+    for (prompt, s), got in zip(jobs, collected):
+        expected = session.generate([Request(prompt, s)])[0]
+        assert got.error is None and got.result.tokens == expected.tokens
+        assert sum(got.blocks, []) == expected.tokens
+        assert got.result.stats.denoiser_evals == expected.stats.denoiser_evals
+        assert got.result.stats.handoff_bytes == expected.stats.handoff_bytes
+        assert got.result.stats.boundary_bytes > got.result.stats.handoff_bytes
+    session.close()
+    rows = [len(inputs.get("row_id", [])) + len(inputs.get("mock_id", []))
+            for name, inputs in calls if name == DENOISER_MODEL]
+    assert max(rows) >= 6, "denoiser and mock-AR steps of several requests share one call"
     for tower in towers:
         stats = tower.stats()
         assert stats["live_sequences"] == 0 and stats["cache_bytes"] == 0
-        assert stats["opened"] == stats["released"] == 1
 
 
-def test_an_error_inside_a_tower_still_frees_the_sequence(tiny_model, towers):
-    s = GenerationSettings(max_new_tokens=16, block_size=8)
-    with pytest.raises(Exception, match="maximum context"):
-        _run(tiny_model, towers, list(range(4, 4 + MAX_CONTEXT)), s)
+def test_a_client_that_goes_away_frees_both_towers_within_a_round(tiny_model, towers):
+    orchestrator = _orchestrator(tiny_model, towers)
+    s = GenerationSettings(max_new_tokens=64, block_size=8, steps_per_block=8,
+                           stop_at_eos=False)
+    responder = Collect(gone_after_blocks=1)
+    orchestrator.submit([5, 6, 7], s, responder)
+    assert responder.ended.wait(60)
+    assert responder.result.cancelled and len(responder.result.tokens) < 64
+    for tower in towers:
+        stats = tower.stats()
+        assert stats["live_sequences"] == 0 and stats["opened"] == stats["released"] == 1
+    orchestrator.close(10)
+
+
+class _FailingDenoiser(TorchDenoiserExecutor):
+    def denoiser_step(self, *args):
+        raise RuntimeError("the denoiser fell over")
+
+
+def test_a_tower_failure_reaches_its_requests_and_frees_every_sequence(tiny_model):
+    c = tiny_model.config
+    towers = (ContextTower(TorchContextExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 8),
+              DenoiserTower(_FailingDenoiser(tiny_model), c, MAX_CONTEXT, torch.float32, 8))
+    orchestrator = _orchestrator(tiny_model, towers)
+    collected = [Collect() for _ in range(3)]
+    for mode, responder in zip(("diffusion", "ar", "mock-ar"), collected):
+        orchestrator.submit([5, 6], GenerationSettings(mode=mode, max_new_tokens=8,
+                                                       block_size=8), responder)
+    assert all(r.ended.wait(60) for r in collected)
+    assert "the denoiser fell over" in collected[0].error
     assert all(t.stats()["live_sequences"] == 0 for t in towers)
+    orchestrator.close(10)
 
 
-def test_prompt_ids_outside_the_vocabulary_are_refused_before_tower_work(tiny_model, towers):
+def test_requests_the_loop_refuses_never_reach_the_towers(tiny_model, towers):
+    orchestrator = _orchestrator(tiny_model, towers)
     with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, "):
-        _run(tiny_model, towers, [5, tiny_model.config.vocab_size], GenerationSettings())
+        orchestrator.submit([5, tiny_model.config.vocab_size], GenerationSettings(), Collect())
+    with pytest.raises(CacheFullError, match="maximum context"):
+        orchestrator.submit(list(range(4, 4 + MAX_CONTEXT)), GenerationSettings(), Collect())
     assert all(t.stats()["opened"] == 0 for t in towers)
+    orchestrator.close(10)
 
 
-def test_a_full_tower_refuses_new_sequences_and_keeps_the_others(tiny_model, towers):
-    context, _ = towers
+def test_a_full_slot_table_refuses_new_sequences_and_keeps_the_others():
+    table = SlotTable(4)
     keys = [SequenceKey.new() for _ in range(5)]
-    for key in keys[:4]:
-        context.open(key)
-        context.extend(key, [5, 6])
+    slots = [table.open(k) for k in keys[:4]]
+    assert sorted(slots) == [0, 1, 2, 3]
     with pytest.raises(TowerBusy, match="all 4 sequence slots"):
-        context.open(keys[4])
-    assert context.stats()["live_sequences"] == 4
-    assert context.release(keys[2]) and not context.release(keys[2])
-    context.open(keys[4])
-    context.extend(keys[4], [5])
+        table.open(keys[4])
+    assert table.release(keys[2]) and not table.release(keys[2])
+    assert table.open(keys[4]) == slots[2]
+    assert table.stats(100)["cache_bytes"] == 400
 
 
 def test_settings_cross_the_boundary_unchanged_and_are_validated_again():
@@ -105,46 +186,107 @@ def test_malformed_settings_are_one_clear_request_error(text):
     assert "\n" not in str(raised.value)
 
 
+def _extend(keys, ids, mirror=False):
+    return ExtendGroup(keys, torch.tensor(ids), [mirror] * len(keys), [False] * len(keys),
+                       [None] * len(keys))
+
+
 def test_steps_for_a_sequence_the_tower_does_not_hold_are_refused_not_started(tiny_model,
                                                                               towers):
     context, denoiser = towers
-    s = GenerationSettings(block_size=8)
     mask = tiny_model.config.mask_token_id
     key = SequenceKey(3, "owner")
-    with pytest.raises(UnknownSequence, match="sequence 3 is not open here"):
-        denoiser.denoise(key, [mask] * 8, s, 0)
-    for step in (lambda: context.extend(key, [5]),
-                 lambda: context.extend_and_sample(key, [5], s, 0),
-                 lambda: denoiser.append(key, b"")):
-        with pytest.raises(UnknownSequence):
-            step()
+    s = GenerationSettings(block_size=8)
+    steps = [(context, encode_context(ContextWork(groups=[_extend([key], [[5]])]), SECRET)),
+             (denoiser, encode_denoiser(DenoiserWork(mock=MockGroup([key], [5], [s], [0])),
+                                        SECRET))]
+    for tower, inputs in steps:
+        with pytest.raises(UnknownSequence, match="sequence 3 is not open here"):
+            handle(tower, inputs, SECRET)
     assert context.stats()["opened"] == denoiser.stats()["opened"] == 0
-    context.open(key)
-    denoiser.open(key)
-    denoiser.append(key, context.extend(key, [5, 6, 7]))
-    assert len(denoiser.denoise(key, [mask] * 8, s, 0)) == 8
-    assert denoiser.release(key)
-    with pytest.raises(UnknownSequence):
-        denoiser.mock_ar(key, 5, s, 0)
-    assert denoiser.stats()["live_sequences"] == 0 and denoiser.stats()["opened"] == 1
+    out = handle(context, encode_context(ContextWork(opened=[key],
+                                                     groups=[_extend([key], [[5, 6]], True)]),
+                                         SECRET), SECRET)
+    assert out["cache_delta"].shape == (1,) and context.stats()["live_sequences"] == 1
 
 
 def test_only_the_opener_can_step_or_release_a_sequence(tiny_model, towers):
     context, _ = towers
-    s = GenerationSettings(mode="ar", max_new_tokens=8)
     mine = SequenceKey.new()
-    context.open(mine)
+    handle(context, encode_context(ContextWork(opened=[mine]), SECRET), SECRET)
     thief = SequenceKey(mine.id, "guessed-owner-\u00e9")
-    assert not context.release(thief)
-    with pytest.raises(UnknownSequence, match="belongs to another request"):
-        context.extend_and_sample(thief, [5, 6], s, 0)
-    with pytest.raises(TowerRequestError, match="already open"):
-        context.open(thief)
+    handle(context, encode_context(ContextWork(released=[thief]), SECRET), SECRET)
     assert context.stats()["live_sequences"] == 1
-    assert context.release(mine)
+    with pytest.raises(UnknownSequence, match="belongs to another request"):
+        handle(context, encode_context(ContextWork(groups=[_extend([thief], [[5]])]), SECRET),
+               SECRET)
+    with pytest.raises(TowerRequestError, match="already open"):
+        handle(context, encode_context(ContextWork(opened=[thief]), SECRET), SECRET)
+    handle(context, encode_context(ContextWork(released=[mine]), SECRET), SECRET)
+    assert context.stats()["live_sequences"] == 0
+
+
+def test_a_round_without_the_secret_is_refused_and_stats_show_counts_only(towers):
+    context, _ = towers
+    inputs = encode_context(ContextWork(opened=[SequenceKey.new()]), SECRET)
+    for secret in (None, "guess"):
+        if secret is None:
+            inputs.pop("tower_secret")
+        else:
+            inputs["tower_secret"] = np.array([secret.encode()], dtype=np.object_)
+        with pytest.raises(TowerAccessDenied, match="answer the orchestrator only"):
+            handle(context, inputs, SECRET)
+    stats = handle(context, {"op": np.array([b"stats"], dtype=np.object_)}, SECRET)
+    assert b"live_sequences" in stats["stats"][0] and context.stats()["opened"] == 0
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda i: i.update(group_width=np.array([3], np.int64)), "input_ids has 2 values"),
+    (lambda i: i.update(mirror=np.array([True, False])), "mirror has 2 values, expected 1"),
+    (lambda i: i.update(row_owner=np.array([], dtype=np.object_)), "differ in length"),
+    (lambda i: i.update(op=np.array([b"extend"], dtype=np.object_)), "unknown op 'extend'"),
+    (lambda i: i.update(sample=np.array([b"{oops"], dtype=np.object_)), "settings must be"),
+])
+def test_malformed_round_tensors_are_one_clear_error(towers, change, needle):
+    context, _ = towers
+    key = SequenceKey.new()
+    handle(context, encode_context(ContextWork(opened=[key]), SECRET), SECRET)
+    inputs = encode_context(ContextWork(groups=[_extend([key], [[5, 6]])]), SECRET)
+    change(inputs)
+    with pytest.raises(TowerRequestError, match=needle) as raised:
+        handle(context, inputs, SECRET)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_tower_error_reaches_the_caller_as_one_call_error(towers):
+    call = direct_call(*towers, SECRET)
+    with pytest.raises(TowerCallError, match="^context_tower: sequence .* is not open"):
+        call(CONTEXT_MODEL, encode_context(ContextWork(groups=[_extend([SequenceKey.new()],
+                                                                       [[5]])]), SECRET),
+             ["token"])
 
 
 def test_sequence_keys_are_random_not_counted():
     ids = {SequenceKey.new().id for _ in range(64)}
     assert len(ids) == 64 and all(0 <= i < 2**63 for i in ids)
     assert len({i >> 32 for i in ids}) > 1  # a PID << 32 plus a counter keeps one prefix
+
+
+def test_scores_cross_the_boundary_unchanged(tiny_model, towers):
+    s = GenerationSettings(mode="ar", max_new_tokens=5, logprobs=2, echo=True,
+                           stop_at_eos=False)
+    orchestrator = _orchestrator(tiny_model, towers)
+    responder = Collect()
+    orchestrator.submit([5, 6, 7, 8], s, responder)
+    assert responder.ended.wait(60)
+    orchestrator.close(10)
+    with TwoTowerSession(TorchContextExecutor(tiny_model), TorchDenoiserExecutor(tiny_model),
+                         tiny_model.config, MAX_CONTEXT) as session:
+        expected = session.generate([Request([5, 6, 7, 8], s)])[0]
+    got = responder.result
+    assert got.tokens == expected.tokens
+    assert got.prompt_logprobs == expected.prompt_logprobs and len(got.prompt_logprobs) == 3
+    assert got.logprobs == expected.logprobs and len(got.logprobs) == 5
+    streamed = [x for block in responder.scores for x in block["tokens"]]
+    assert [x[:2] for x in streamed] == [[t.token, t.logprob] for t in expected.logprobs]
+    assert responder.scores[0]["prompt"][0][0] == 6 and "prompt" not in responder.scores[1]

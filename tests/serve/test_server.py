@@ -1,6 +1,7 @@
 """End to end through a real tritonserver process over real gRPC (CPU, built-in model)."""
 
 import concurrent.futures
+import contextlib
 import importlib.util
 import queue
 
@@ -205,28 +206,43 @@ def test_a_tower_model_refuses_unknown_ops_and_incomplete_requests(server):
     op.set_data_from_numpy(np.array([b"rewind"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="unknown op 'rewind'"):
         client.infer("context_tower", [op])
-    op.set_data_from_numpy(np.array([b"extend"], dtype=np.object_))
+    op.set_data_from_numpy(np.array([b"round"], dtype=np.object_))
     with pytest.raises(InferenceServerException, match="answer the orchestrator only"):
         client.infer("context_tower", [op])
     secret = grpcclient.InferInput("tower_secret", [1], "BYTES")
     secret.set_data_from_numpy(np.array([(server.repository / SECRET_FILE).read_bytes()],
                                         dtype=np.object_))
-    with pytest.raises(InferenceServerException, match="needs the input sequence_id"):
-        client.infer("context_tower", [op, secret])
+    rows = grpcclient.InferInput("group_rows", [1], "INT64")
+    rows.set_data_from_numpy(np.array([1], dtype=np.int64))
+    with pytest.raises(InferenceServerException, match="group_width has 0 values, expected 1"):
+        client.infer("context_tower", [op, secret, rows])
     assert client.is_server_ready()
 
 
-def test_the_serve_benchmark_compares_equal_work_and_measures_the_boundary(server, opened):
-    from trt_twotower.serve.benchmark import compare, format_rows
+def test_the_load_benchmark_runs_each_load_on_both_paths_with_ratio_and_bytes(server, opened):
+    from trt_twotower.runtime.load_benchmark import SessionTarget, format_load, run_load
+    from trt_twotower.runtime.session import TwoTowerSession
+    from trt_twotower.serve.load_target import TritonTarget
+
     s = GenerationSettings(max_new_tokens=8, block_size=8, steps_per_block=8)
     prompts = [opened.tokenizer.encode(p) for p in PROMPTS]
-    rows = compare(opened, server.grpc_url, prompts, opened.tokenizer.decode,
-                   opened.tokenizer.encode, [1, 3], s, repeats=1, progress=False)
-    assert [(r.path, r.clients) for r in rows] == [
-        ("in-process", 1), ("triton", 1), ("in-process", 3), ("triton", 3)]
-    assert rows[0].tokens == rows[1].tokens > 0 and rows[2].tokens == rows[3].tokens > 0
-    for served in rows[1::2]:
-        assert served.ratio_tokens_per_second > 0 and served.ratio_first_block > 0
-        assert served.per_token(served.tower_bytes) > served.per_token(served.client_bytes) > 0
-    assert "tower bytes/token" in format_rows(rows).splitlines()[0]
-    assert format_rows(rows, markdown=True).splitlines()[1].startswith("|---|---:")
+
+    @contextlib.contextmanager
+    def engine():
+        with TwoTowerSession(opened.context, opened.denoiser, opened.config,
+                             MAX_CONTEXT) as session:
+            yield SessionTarget(session)
+    triton = TritonTarget(server.grpc_url, timeout=120)
+    rows = run_load([engine, lambda: contextlib.nullcontext(triton)], prompts,
+                    [("diffusion", s)], [1, 3], [50.0], 2, 3)
+    assert [(r.path, r.load) for r in rows] == [
+        ("in-process", "1 clients"), ("triton", "1 clients"), ("in-process", "3 clients"),
+        ("triton", "3 clients"), ("in-process", "Poisson 50/s"), ("triton", "Poisson 50/s")]
+    for local_row, served in zip(rows[::2], rows[1::2]):
+        assert served.tokens == local_row.tokens > 0 and local_row.ratio is None
+        assert served.ratio == pytest.approx(served.tokens_per_second /
+                                             local_row.tokens_per_second)
+        assert served.boundary_bytes > 0 and local_row.boundary_bytes is None
+    table = format_load(rows)
+    assert "| triton | diffusion | 3 clients | 6 |" in table
+    assert table.splitlines()[0].endswith("tok/s ratio | tower bytes/token |")

@@ -21,18 +21,20 @@ def _secret(server) -> str:
     return (server.repository / SECRET_FILE).read_text().strip()
 
 
-def _tower_call(server, model: str, op: str, **values):
-    """One direct tower request, as a client that is not the orchestrator would send it."""
+def _tower_call(server, model: str, work, secret=None):
+    """One direct tower request carrying ``work`` (the real protocol's tensors), as a client
+    that is not the orchestrator would send it; ``secret`` None leaves the secret out."""
     import tritonclient.grpc as grpcclient
 
-    dtypes = {"sequence_id": ("UINT64", np.uint64), "input_ids": ("INT64", np.int64),
-              "step_key": ("INT64", np.int64)}
+    from trt_twotower.serve.tower_requests import encode_context, encode_denoiser
+    encode = encode_context if model == "context_tower" else encode_denoiser
+    values = encode(work, secret or "")
+    if secret is None:
+        values.pop("tower_secret")
     inputs = []
-    for name, value in {"op": op, **values}.items():
-        dtype, numpy_type = dtypes.get(name, ("BYTES", np.object_))
-        array = np.array(value if isinstance(value, list) else [value], dtype=numpy_type)
-        if dtype == "BYTES":
-            array = np.array([str(v).encode() for v in array], dtype=np.object_)
+    for name, array in values.items():
+        dtype = {np.object_: "BYTES", np.uint64: "UINT64", np.int64: "INT64",
+                 np.bool_: "BOOL"}[array.dtype.type]
         tensor = grpcclient.InferInput(name, list(array.shape), dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -41,6 +43,16 @@ def _tower_call(server, model: str, op: str, **values):
         return client.infer(model, inputs, client_timeout=60)
     finally:
         client.close()
+
+
+def _push(keys, ids, sample=None):
+    """A context step of ``ids`` for each sequence (sampling with ``sample`` settings)."""
+    import torch
+
+    from trt_twotower.runtime.tower_work import ContextWork, ExtendGroup, Sample
+    samples = [None if sample is None else Sample(sample, 0) for _ in keys]
+    return ContextWork(groups=[ExtendGroup(keys, torch.tensor([ids] * len(keys)),
+                                           [True] * len(keys), [False] * len(keys), samples)])
 
 
 def _refusal(call, status: str = "") -> str:
@@ -54,13 +66,17 @@ def _refusal(call, status: str = "") -> str:
 
 
 def test_a_direct_tower_call_without_the_secret_is_refused(server):
-    for secret in ({}, {"tower_secret": "guess"}):
-        message = _refusal(lambda: _tower_call(server, "context_tower", "extend",
-                                               sequence_id=12345, input_ids=[5, 6],
-                                               **secret))
-        assert "tower models answer the orchestrator only" in message
+    from trt_twotower.runtime.tower_work import ContextWork, DenoiserWork
     from trt_twotower.serve.client import tower_stats
-    assert tower_stats(server.grpc_url)["context_tower"]["live_sequences"] == 0
+    from trt_twotower.serve.towers import SequenceKey
+    key = SequenceKey.new()
+    for model, work in (("context_tower", ContextWork(opened=[key])),
+                        ("denoiser_tower", DenoiserWork(opened=[key])),
+                        ("context_tower", _push([key], [5, 6]))):
+        for secret in (None, "guess"):
+            message = _refusal(lambda: _tower_call(server, model, work, secret))
+            assert "tower models answer the orchestrator only" in message
+    assert all(s["opened"] == 0 for s in tower_stats(server.grpc_url).values())
 
 
 def _stub_pid(model: str) -> int:
@@ -80,19 +96,22 @@ def _stub_pid(model: str) -> int:
 def test_a_client_cannot_release_another_requests_sequence(server, local):
     """Releases aimed at every id the old scheme (stub PID << 32 plus a counter) would have
     given, sent while the victim's AR request runs: the victim still gets its tokens."""
+    from trt_twotower.runtime.tower_work import ContextWork, DenoiserWork
     from trt_twotower.serve.client import generate
+    from trt_twotower.serve.towers import SequenceKey
     s = GenerationSettings(mode="ar", max_new_tokens=96, block_size=8)
     prefix = (_stub_pid("twotower_bls") & 0xFFFFFFFF) << 32
+    guesses = [SequenceKey(prefix | counter, "") for counter in range(1, 64)]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         victim = pool.submit(generate, server.grpc_url, PROMPTS[1], s, False, 120.0)
         deadline = time.monotonic() + 60
         while not victim.done() and time.monotonic() < deadline:
-            for counter in range(1, 64):
-                for model in ("context_tower", "denoiser_tower"):
-                    try:
-                        _tower_call(server, model, "release", sequence_id=prefix | counter)
-                    except Exception:  # refused, as it should be
-                        pass
+            for model, work in (("context_tower", ContextWork(released=guesses)),
+                                ("denoiser_tower", DenoiserWork(released=guesses))):
+                try:
+                    _tower_call(server, model, work, "guess")
+                except Exception:  # refused, as it should be
+                    pass
         out = victim.result(timeout=120)
     assert out.ids == local(PROMPTS[1], s)
 
@@ -100,36 +119,46 @@ def test_a_client_cannot_release_another_requests_sequence(server, local):
 def test_only_the_opener_can_step_or_release_a_sequence(server):
     """Even a caller holding the secret (another request of the orchestrator) cannot touch a
     sequence it did not open."""
+    from trt_twotower.runtime.tower_work import ContextWork
+    from trt_twotower.serve.client import tower_stats
+    from trt_twotower.serve.towers import SequenceKey
     secret = _secret(server)
+    mine, thief = SequenceKey(777, "owner-a"), SequenceKey(777, "owner-b")
 
-    def call(op, owner, **values):
-        return _tower_call(server, "context_tower", op, tower_secret=secret,
-                           sequence_id=777, owner=owner, **values)
-    call("open", "owner-a")
+    def live():
+        return tower_stats(server.grpc_url)["context_tower"]["live_sequences"]
+    before = live()
+    _tower_call(server, "context_tower", ContextWork(opened=[mine]), secret)
     try:
-        released = call("release", "owner-b").as_numpy("released")
-        assert not released[0]
-        message = _refusal(lambda: call("extend", "owner-b", input_ids=[5, 6]))
+        _tower_call(server, "context_tower", ContextWork(released=[thief]), secret)
+        assert live() == before + 1
+        message = _refusal(lambda: _tower_call(server, "context_tower", _push([thief], [5, 6]),
+                                               secret))
         assert "sequence 777 is not open here for this caller" in message
-        assert "already open" in _refusal(lambda: call("open", "owner-b"))
-        assert call("extend", "owner-a", input_ids=[5, 6]).as_numpy("cache_delta").size > 0
+        assert "already open" in _refusal(lambda: _tower_call(
+            server, "context_tower", ContextWork(opened=[thief]), secret))
+        out = _tower_call(server, "context_tower", _push([mine], [5, 6]), secret)
+        assert len(out.as_numpy("cache_delta")[0]) > 0
     finally:
-        assert call("release", "owner-a").as_numpy("released")[0]
+        _tower_call(server, "context_tower", ContextWork(released=[mine]), secret)
+    assert live() == before
 
 
 def test_a_step_for_an_unknown_sequence_is_an_error_not_a_fresh_cache(server):
+    import torch
+
+    from trt_twotower.runtime.tower_work import DenoiserWork, DenoiseGroup
     from trt_twotower.serve.client import tower_stats
+    from trt_twotower.serve.towers import SequenceKey
     before = tower_stats(server.grpc_url)
     secret = _secret(server)
-    for model, op, values in [("context_tower", "extend", {"input_ids": [5, 6]}),
-                              ("context_tower", "extend_and_sample",
-                               {"input_ids": [5], "step_key": 0,
-                                "settings": '{"mode": "ar"}'}),
-                              ("denoiser_tower", "step", {"input_ids": [3] * 8, "step_key": 0,
-                                                          "settings": "{}"})]:
-        message = _refusal(lambda: _tower_call(server, model, op, tower_secret=secret,
-                                               sequence_id=4242, owner="o", **values),
-                           "NOT_FOUND")
+    key = SequenceKey(4242, "o")
+    step = DenoiserWork(groups=[DenoiseGroup([key], torch.full((1, 8), 3), [GenerationSettings()],
+                                             [0], [8])])
+    for model, work in [("context_tower", _push([key], [5, 6])),
+                        ("context_tower", _push([key], [5], GenerationSettings(mode="ar"))),
+                        ("denoiser_tower", step)]:
+        message = _refusal(lambda: _tower_call(server, model, work, secret), "NOT_FOUND")
         assert "sequence 4242 is not open here" in message
     after = tower_stats(server.grpc_url)
     assert all(after[m]["opened"] == before[m]["opened"] for m in after)
@@ -137,17 +166,21 @@ def test_a_step_for_an_unknown_sequence_is_an_error_not_a_fresh_cache(server):
 
 @pytest.mark.parametrize("settings", ['{"mode": "ar",', '{"beam_width": 4}', "[1]"])
 def test_malformed_tower_settings_are_a_clear_one_line_error(server, settings):
+    from trt_twotower.runtime.tower_work import ContextWork
+    from trt_twotower.serve import tower_requests
+    from trt_twotower.serve.towers import SequenceKey
     secret = _secret(server)
-
-    def call(op, **values):
-        return _tower_call(server, "context_tower", op, tower_secret=secret,
-                           sequence_id=99, owner="o", **values)
-    call("open")
+    key = SequenceKey.new()
+    work = _push([key], [5], GenerationSettings(mode="ar"))
+    work.opened = [key]
+    original = tower_requests.settings_to_json
+    tower_requests.settings_to_json = lambda s: settings
     try:
-        message = _refusal(lambda: call("extend_and_sample", input_ids=[5], step_key=0,
-                                        settings=settings), "INVALID_ARGUMENT")
+        message = _refusal(lambda: _tower_call(server, "context_tower", work, secret),
+                           "INVALID_ARGUMENT")
     finally:
-        call("release")
+        tower_requests.settings_to_json = original
+        _tower_call(server, "context_tower", ContextWork(released=[key]), secret)
     assert message.startswith("settings must be a JSON object of GenerationSettings fields")
     assert "\n" not in message and "Error" not in message
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import tempfile
 from pathlib import Path
@@ -68,13 +69,13 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--device", type=Device(), default="cpu", show_default=True)
 @dtype_option()
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--serve", is_flag=True, help="Instead: Triton (real tritonserver, gRPC "
-              "streaming clients) against the in-process session, per client count; uses the "
-              "first threshold, block size and step count.")
 @click.option("--load", is_flag=True, help="Instead: the in-process engine under load, "
               "closed-loop --clients and Poisson --rates, for diffusion (first threshold), "
               "diffusion with the first --forced-commits K and AR on the same engine; "
-              "writes OUT/load.md and OUT/load.csv.")
+              "writes OUT/load.md, OUT/load.csv and OUT/load.png.")
+@click.option("--serve", is_flag=True, help="Instead: --load on the in-process engine and on "
+              "a real tritonserver (gRPC streaming clients), each load on one then the other, "
+              "with Triton's tokens/s ratio and tower bytes per token.")
 @click.option("--clients", type=COUNTS, default="1,4,16,64", show_default=True,
               help="--serve, --load: numbers of concurrent clients.")
 @click.option("--rates", type=NumberList(float, 1e-3, 1e6), default="4,16", show_default=True,
@@ -93,27 +94,25 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
     block size, steps per block and batch size; distinct MoE experts per denoiser step
     (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png.
 
-    With --serve: tokens/s and time to first block through Triton over the in-process
-    session, and the bytes crossing process boundaries per token; writes OUT/serve.md.
     With --load: output tokens/s, requests/s and first-block / inter-block latencies of the
-    in-process engine under closed-loop clients and Poisson arrivals; writes OUT/load.md."""
+    in-process engine under closed-loop clients and Poisson arrivals; writes OUT/load.md.
+    With --serve: the same on the in-process engine and through Triton, with Triton's
+    tokens/s ratio and the bytes crossing process boundaries per token."""
     from ..runtime.benchmark import format_rows, plot, sweep, write_csv
     from .generate import check_length, open_backend
 
     check_settings(thresholds, block_sizes, steps, forced_commits, max_new_tokens)
     created_dir(out, "--out")
-    if serve:
-        settings = GenerationSettings(
-            max_new_tokens=max_new_tokens, block_size=block_sizes[0],
-            steps_per_block=steps[0], confidence_threshold=thresholds[0], seed=seed)
-        return _serve_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
-                            list(clients), prompt_length, settings, seed, out)
     if serve and load:
         raise click.UsageError("give --serve or --load, not both")
-    if load:
+    if serve and device != "cpu":
+        raise click.UsageError("--serve compares on the CPU here; serve GPUs with "
+                               "`trt-twotower serve --context-device/--denoiser-device`")
+    if load or serve:
         return _load_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
                            list(clients), list(rates), prompt_length, max_new_tokens,
-                           thresholds[0], forced_commits[0] if forced_commits else 4, seed, out)
+                           thresholds[0], forced_commits[0] if forced_commits else 4, seed,
+                           serve, out)
     batches = list(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -135,11 +134,12 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
 def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
                 build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
                 rates: list[float], prompt_length: int, max_new_tokens: int, gamma: float,
-                forced: int, seed: int, out: Path) -> None:
-    """Each case on its own warmed engine, every load in turn (runtime/load_benchmark.py)."""
+                forced: int, seed: int, serve: bool, out: Path) -> None:
+    """Each case on its own warmed engine, every load in turn (runtime/load_benchmark.py);
+    with ``serve`` each load also through one Triton server that serves every case."""
     import csv
 
-    from ..runtime.load_benchmark import format_load, run_load
+    from ..runtime.load_benchmark import SessionTarget, format_load, plot_load, run_load
     from ..runtime.scheduler import SchedulerLimits
     from ..runtime.session import TwoTowerSession
     from .generate import check_length, open_backend
@@ -152,7 +152,8 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
                  stop_at_eos=False)),
              ("AR", GenerationSettings(mode="ar", max_new_tokens=max_new_tokens, seed=seed,
                                        stop_at_eos=False))]
-    with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch, \
+            contextlib.ExitStack() as stack:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
                               device, Path(scratch))
         check_length(prompt_length, max_new_tokens,
@@ -161,15 +162,23 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
         prompts = held_out_prompts(opened.tokenizer, max(clients), prompt_length,
                                    opened.config.vocab_size, seed)
 
-        def engine() -> TwoTowerSession:
-            return TwoTowerSession(opened.context, opened.denoiser, opened.config,
-                                   max_context, opened.dtype, opened.fused_unmask,
-                                   SchedulerLimits(capacity=max(clients)))
+        @contextlib.contextmanager
+        def engine():
+            with TwoTowerSession(opened.context, opened.denoiser, opened.config,
+                                 max_context, opened.dtype, opened.fused_unmask,
+                                 SchedulerLimits(capacity=max(clients))) as session:
+                yield SessionTarget(session)
 
-        rows = run_load(engine, prompts, cases, clients, rates, requests_per_client=2,
+        targets = [engine]
+        if serve:
+            targets.append(stack.enter_context(_served(
+                checkpoint, preset_name, build_dir, backend, dtype, max_context, max_new_tokens,
+                max(clients), Path(scratch))))
+        rows = run_load(targets, prompts, cases, clients, rates, requests_per_client=2,
                         poisson_requests=2 * max(clients),
-                        progress=lambda row: click.echo(f"  {row.label}, {row.load}: "
-                                                        f"{row.record()['tokens_per_s']} tok/s"))
+                        progress=lambda row: click.echo(
+                            f"  {row.path}, {row.label}, {row.load}: "
+                            f"{row.record()['tokens_per_s']} tok/s"))
     table = format_load(rows)
     click.echo(table)
     (out / "load.md").write_text(table + "\n")
@@ -177,44 +186,30 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].record()))
         writer.writeheader()
         writer.writerows(row.record() for row in rows)
-    click.echo(f"\nwrote {out / 'load.md'} and {out / 'load.csv'}")
+    click.echo(f"\nwrote {out / 'load.md'}, {out / 'load.csv'} and "
+               f"{plot_load(rows, out / 'load.png')}")
 
 
-def _serve_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
-                 build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
-                 prompt_length: int, settings: GenerationSettings, seed: int, out: Path) -> None:
-    from ..serve.benchmark import compare, format_rows
+@contextlib.contextmanager
+def _served(checkpoint: Optional[Path], preset_name: Optional[str],
+            build_dir: Optional[Path], backend: str, dtype: str, max_context: int,
+            max_new_tokens: int, capacity: int, scratch: Path):
+    """A tritonserver for the same model on the CPU; yields a factory of its load target."""
+    from ..serve.load_target import TritonTarget
     from ..serve.repository import render, repository_values
     from ..serve.server import ServerError, TritonServer
-    from .generate import check_length, open_backend
     from .serve import served_source
 
-    if device != "cpu":
-        raise click.UsageError("--serve compares on the CPU here; serve GPUs with "
-                               "`trt-twotower serve --context-device/--denoiser-device`")
-    max_context = prompt_length * 2 + settings.max_new_tokens + 64  # room for re-tokenizing
     source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
-    with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
-        opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
-                              device, Path(scratch))
-        check_length(prompt_length, settings.max_new_tokens,
-                     opened.max_context or opened.config.max_position_embeddings)
-        opened.max_context = opened.max_context or max_context
-        repo = render(Path(scratch) / "repo", repository_values(
-            source, backend, tokenizer_dir, "cpu", "cpu", opened.max_context,
-            settings.max_new_tokens, str(settings.block_size), capacity=max(clients),
-            dtype=dtype))
-        try:
-            server = TritonServer(repo, Path(scratch)).start()
-        except ServerError as err:
-            raise click.ClickException(str(err)) from None
-        try:
-            pool = held_out_prompts(opened.tokenizer, max(clients), prompt_length,
-                                    opened.config.vocab_size, seed)
-            rows = compare(opened, server.grpc_url, pool, opened.tokenizer.decode,
-                           opened.tokenizer.encode, clients, settings)
-        finally:
-            server.stop()
-    click.echo(format_rows(rows))
-    (out / "serve.md").write_text(format_rows(rows, markdown=True) + "\n")
-    click.echo(f"\nwrote {out / 'serve.md'}")
+    repo = render(scratch / "repo", repository_values(
+        source, backend, tokenizer_dir, "cpu", "cpu", max_context, max_new_tokens,
+        str(GenerationSettings().block_size), capacity=capacity, dtype=dtype))
+    try:
+        server = TritonServer(repo, scratch).start()
+    except ServerError as err:
+        raise click.ClickException(str(err)) from None
+    target = TritonTarget(server.grpc_url)
+    try:
+        yield lambda: contextlib.nullcontext(target)
+    finally:
+        server.stop()

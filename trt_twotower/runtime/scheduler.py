@@ -1,18 +1,19 @@
 """The one step loop: rounds over the live rows of every request, whatever its mode.
 
-Each round admits waiting requests into free cache slots and pushes their prompts through the
-context tower a chunk at a time (a long prompt cannot stall the other rows), runs one batched
-denoiser step over every diffusion row in the middle of a block, one batched mock-AR step, and
-then one batched context step per token count: the blocks that just resolved (T = S) and the AR
-and mock-AR tokens (T = 1). A row that finishes or is cancelled leaves at the end of the round
-and its slot is free for the next admission. Rows with different settings share every call:
-γ, the steps left, the timestep, the temperature, the seed and the step key are per row.
+A round is one call to each tower (``tower_work.py``). The context tower's call opens the rows
+admitted this round and pushes, in one go, the next chunk of each prefilling prompt (within a
+token budget, so that a long prompt cannot stall the other rows), the blocks that resolved in
+the last round (T = S) and the tokens sampled in it (T = 1); the AR rows' next tokens are
+sampled there, from logits that never leave the tower. The denoiser's call takes the cache
+deltas, runs one diffusion step over every row in the middle of a block and one mock-AR step.
+A row that finishes or is cancelled leaves at the end of the round and its slot is freed at
+once. Rows with different settings share every call: γ, the steps left, the timestep, the
+temperature, the seed and the step key are per row.
 
-Block size groups the denoiser calls (a block step is [rows, S]); a TensorRT engine is built
-for one S, so a server fixes it, while steps per block are each request's own (they only bound
-its loop). The caches are two pools of ``capacity`` rows allocated once (the context tower's on
-its device, the denoiser's mirror on its own), indexed by slot; nothing is allocated per
-request. Decoding rules come from ``trt_twotower.policy`` only.
+Block size groups the calls (a block step is [rows, S]); a TensorRT engine is built for one S,
+so a server fixes it, while steps per block are each request's own (they only bound its loop).
+The towers hold ``capacity`` rows in pools allocated once; nothing is allocated per request.
+Decoding rules come from ``trt_twotower.policy`` only, applied inside the towers.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 
 from .. import policy
 from ..config import TwoTowerConfig
-from ..policy import GenerationError, GenerationSettings
-from .cache import CacheFullError, StepCache
-from .executor import ContextExecutor, DenoiserExecutor
+from ..policy import GenerationError, GenerationSettings, TokenScore
+from .cache import CacheFullError
+from .tower_work import (ContextWork, DenoiseGroup, DenoiserWork, ExtendGroup, MockGroup, Ref,
+                         Sample, TowerPair)
 
 # A streaming callback gets each committed block's ids (a token at a time in AR modes);
 # returning False cancels the request.
@@ -37,17 +39,11 @@ PREFILL, DENOISE, SAMPLE, FINISHED = "prefill", "denoise", "sample", "finished"
 
 
 @dataclass
-class Request:
-    prompt_ids: list[int]
-    settings: GenerationSettings
-    on_delta: Optional[OnDelta] = None
-
-
-@dataclass
 class RequestStats:
     denoiser_evals: int = 0
     context_steps: int = 0
     handoff_bytes: int = 0
+    boundary_bytes: int = 0          # its share of what the tower calls moved between processes
     prefill_seconds: float = 0.0
     denoise_seconds: float = 0.0
     commit_seconds: float = 0.0
@@ -62,11 +58,23 @@ class RequestResult:
     tokens: list[int] = field(default_factory=list)
     stats: RequestStats = field(default_factory=RequestStats)
     cancelled: bool = False
+    logprobs: list[TokenScore] = field(default_factory=list)         # one per kept token
+    prompt_logprobs: list[TokenScore] = field(default_factory=list)  # echo: prompt[1:]
 
     @property
     def tokens_per_eval(self) -> float:
         evals = self.stats.denoiser_evals
         return len(self.tokens) / evals if evals else float("nan")
+
+
+@dataclass
+class Request:
+    """One generation. Its ``result`` starts afresh each time it is queued and fills in as
+    it runs, so a streaming callback can read there the scores of the ids it is given."""
+    prompt_ids: list[int]
+    settings: GenerationSettings
+    on_delta: Optional[OnDelta] = None
+    result: RequestResult = field(default_factory=RequestResult)
 
 
 @dataclass(frozen=True)
@@ -85,10 +93,11 @@ class SchedulerLimits:
 class Row:
     """One admitted request: its slot in both pools and where it is in its generation."""
 
-    def __init__(self, request: Request, slot: int, mask_id: int) -> None:
-        self.request, self.slot = request, slot
+    def __init__(self, request: Request, mask_id: int) -> None:
+        self.request = request
+        self.ref: Optional[Ref] = None
         self.settings = request.settings
-        self.result = RequestResult()
+        self.result = request.result = RequestResult()
         self.phase = PREFILL
         prompt = request.prompt_ids
         self.mock = self.settings.mode == "mock-ar"
@@ -97,7 +106,11 @@ class Row:
         self.latest = prompt[-1]
         self.block = torch.full((self.settings.block_size,), mask_id, dtype=torch.long)
         self.block_index = self.step_in_block = self.step = 0
-        self.logits: Optional[torch.Tensor] = None
+        self.commit: Optional[torch.Tensor] = None    # a resolved block to push next round
+        self.token: Optional[int] = None              # a token to push next round
+        self.sampled: Optional[int] = None            # AR: the context tower's next token
+        self.sampled_score: Optional[TokenScore] = None
+        self.scores_prompt = self.settings.echo and self.settings.logprobs is not None
         self.cancel_requested = False
 
     @property
@@ -113,16 +126,22 @@ class Row:
     def diffusion_key(self) -> int:
         return self.block_index * self.settings.steps_per_block + self.step_in_block
 
+    def next_sample(self) -> Optional[Sample]:
+        """AR rows ask the context tower for their next token with each step."""
+        return Sample(self.settings, self.step) if self.settings.mode == "ar" else None
+
     def charge(self, phase: str, seconds: float) -> None:
         stats = self.result.stats
         setattr(stats, phase, getattr(stats, phase) + seconds)
 
-    def emit(self, ids: list[int], eos: int) -> None:
+    def emit(self, ids: list[int], eos: int, score: Optional[TokenScore] = None) -> None:
         """Keep ids (within budget, through EOS), stream them, finish on EOS, budget or a
-        cancelling callback."""
+        cancelling callback. ``score``: the one AR token's, kept with it."""
         result = self.result
         ids, done = policy.accept_tokens(len(result.tokens), ids, self.settings, eos)
         result.tokens.extend(ids)
+        if score is not None and ids:
+            result.logprobs.append(score)
         on_delta = self.request.on_delta
         if on_delta is not None and ids and on_delta(ids) is False:
             result.cancelled = done = True
@@ -130,81 +149,16 @@ class Row:
             self.phase = FINISHED
 
 
-def _timed(rows: list[Row], phase: str, call: Callable, *args):
-    """Run a batched call and charge its time to every row it served."""
-    start = time.perf_counter()
-    out = call(*args)
-    elapsed = time.perf_counter() - start
-    for row in rows:
-        row.charge(phase, elapsed)
-    return out
-
-
-class SlotPool:
-    """Both towers' caches for ``capacity`` rows: the context tower's and the denoiser's
-    mirror, each allocated once on its device, plus mock-AR's "S−2" Mamba snapshots."""
-
-    def __init__(self, config: TwoTowerConfig, capacity: int, max_context: int,
-                 dtype: torch.dtype, context_device: torch.device,
-                 denoiser_device: torch.device) -> None:
-        self.context = StepCache.allocate(config, capacity, max_context, dtype, context_device)
-        self.mirror = StepCache.allocate(config, capacity, max_context, dtype, denoiser_device)
-        self.snapshot = {n: torch.zeros_like(self.mirror.tensors[n])
-                         for n in self.mirror.mamba_names()}
-        self.free = list(range(capacity - 1, -1, -1))
-
-    def take(self) -> int:
-        """A free slot, emptied: length 0 hides its old keys and values, and its Mamba states
-        start from zero as a new sequence's do."""
-        slot = self.free.pop()
-        for cache in (self.context, self.mirror):
-            cache.lengths[slot] = 0
-            for name in cache.mamba_names():
-                cache.tensors[name][slot].zero_()
-        return slot
-
-    def give_back(self, slot: int) -> None:
-        self.free.append(slot)
-
-
-def gather(cache: StepCache, slots: list[int]) -> StepCache:
-    """The rows of ``slots`` as one cache: views when they are consecutive (the executor then
-    writes the pool itself), otherwise a copy (``scatter`` writes it back)."""
-    return StepCache({n: gather_tensor(t, slots) for n, t in cache.tensors.items()},
-                     gather_tensor(cache.lengths, slots), cache.max_context)
-
-
-def gather_tensor(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
-    """Rows ``slots`` of a pool tensor: a view of consecutive rows, else an indexed copy."""
-    first = slots[0]
-    if slots == list(range(first, first + len(slots))):
-        return tensor[first:first + len(slots)]
-    return tensor.index_select(0, torch.tensor(slots, dtype=torch.long, device=tensor.device))
-
-
-def scatter(cache: StepCache, slots: list[int], rows: StepCache) -> None:
-    """Write rows computed on a gathered copy back into the pool (no-op for views)."""
-    if rows.lengths.data_ptr() == cache.lengths[slots[0]:].data_ptr():
-        return
-    index = torch.tensor(slots, dtype=torch.long, device=cache.device)
-    for name, tensor in cache.tensors.items():
-        tensor.index_copy_(0, index, rows.tensors[name])
-    cache.lengths.index_copy_(0, index, rows.lengths)
-
 
 class StepScheduler:
     """The loop's state and its rounds. Not thread-safe: one thread drives ``round`` (the
-    in-process engine's worker, a Triton orchestrator, or ``run`` for a fixed batch)."""
+    in-process engine's worker, the Triton orchestrator's, or ``run`` for a fixed batch)."""
 
-    def __init__(self, context: ContextExecutor, denoiser: DenoiserExecutor,
-                 config: TwoTowerConfig, max_context: int, dtype: torch.dtype = torch.float32,
-                 fused_unmask: bool = False, limits: SchedulerLimits = SchedulerLimits()
-                 ) -> None:
-        self.context, self.denoiser = context, denoiser
-        self.config, self.max_context, self.dtype = config, max_context, dtype
-        self.fused_unmask = fused_unmask and hasattr(denoiser, "denoiser_unmask_step")
+    def __init__(self, towers: TowerPair, config: TwoTowerConfig, max_context: int,
+                 limits: SchedulerLimits = SchedulerLimits()) -> None:
+        self.towers, self.config, self.max_context = towers, config, max_context
         self.limits = limits
-        self.pool: Optional[SlotPool] = None
+        self.capacity = min(limits.capacity, towers.capacity)
         self.waiting: list[Row] = []
         self.rows: list[Row] = []
         self.rounds = 0
@@ -228,19 +182,16 @@ class StepScheduler:
         """Queue a checked request; it is admitted at the start of the next round with a free
         slot."""
         self.check(request)
-        row = Row(request, -1, self.config.mask_token_id)
+        row = Row(request, self.config.mask_token_id)
         self.waiting.append(row)
         return row
 
     def reset(self) -> None:
-        """Forget every row (after a failed round): all slots free, pools empty."""
+        """Forget every row (after a failed round): the towers free what they still hold."""
         for row in self.waiting + self.rows:
             row.phase = FINISHED
         self.waiting, self.rows = [], []
-        if self.pool is not None:
-            for slot in range(self.limits.capacity):
-                if slot not in self.pool.free:
-                    self.pool.give_back(slot)
+        self.towers.forget()
 
     @property
     def idle(self) -> bool:
@@ -251,195 +202,203 @@ class StepScheduler:
         while not self.idle:
             self.round()
 
-    def _admit(self) -> None:
-        if self.pool is None:
-            self.pool = SlotPool(self.config, self.limits.capacity, self.max_context,
-                                 self.dtype, self.context.device, self.denoiser.device)
-        while self.waiting and self.pool.free:
+    def _admit(self) -> list[Row]:
+        admitted = []
+        while self.waiting and len(self.rows) < self.capacity:
             row = self.waiting.pop(0)
             if row.cancel_requested:
                 row.result.cancelled, row.phase = True, FINISHED
                 continue
-            row.slot = self.pool.take()
+            row.ref = self.towers.new_ref()
             self.rows.append(row)
+            admitted.append(row)
+        return admitted
 
     # --- one round -------------------------------------------------------------------------
     def round(self) -> None:
-        """Admit, prefill a chunk, denoise, sample, then the context steps; drop the rows
-        that finished."""
-        self._admit()
+        """Admit, one context call, emit the AR tokens, one denoiser call, emit blocks and
+        mock-AR tokens; free the rows that finished."""
+        admitted = self._admit()
         for row in self.rows:
             if row.cancel_requested and row.phase != FINISHED:
                 row.result.cancelled, row.phase = True, FINISHED
-        self._prefill([r for r in self.rows if r.phase == PREFILL])
-        commits = self._denoise([r for r in self.rows if r.phase == DENOISE])
-        tokens = self._mock_ar([r for r in self.rows if r.phase == SAMPLE and r.mock])
-        tokens += self._sample_ar([r for r in self.rows if r.phase == SAMPLE and not r.mock])
-        if commits:
-            self._context_step(commits, torch.stack([r.block for r in commits]),
-                               "commit_seconds")
-            for row in commits:
-                row.block_index += 1
-                row.block.fill_(self.config.mask_token_id)
-        if tokens:
-            self._context_step(tokens, torch.tensor([[r.latest] for r in tokens]),
-                               "commit_seconds", keep_previous=True)
+        live = [r for r in self.rows if r.phase != FINISHED]
+        work, prefilling = self._context_work(live)
+        work.opened = [r.ref for r in admitted]
+        deltas = []
+        if not work.empty:
+            result = self._timed(work, self.towers.context, work)
+            deltas = result.deltas
+            _share(self._rows_of(work), result.crossed)
+            self._took_context_step(work, result.tokens, result.scores, prefilling)
+        for row in live:
+            if row.sampled is not None:
+                token, row.sampled = row.sampled, None
+                self._emit_token(row, token, row.sampled_score)
+        denoise = [r for r in live if r.phase == DENOISE]
+        mock = [r for r in live if r.phase == SAMPLE and r.mock and r.token is None]
+        dwork = DenoiserWork(opened=[r.ref for r in admitted if r.mirrored], deltas=deltas,
+                             groups=self._denoise_groups(denoise),
+                             mock=self._mock_group(mock))
+        if not dwork.empty:
+            start = time.perf_counter()
+            dresult = self.towers.denoiser(dwork)
+            for row in denoise + mock:
+                row.charge("denoise_seconds", time.perf_counter() - start)
+            _share(denoise + mock, dresult.crossed)
+            self._took_denoiser_step(dwork, dresult.blocks, mock, dresult.tokens)
         self._drop_finished()
         self.rounds += 1
 
+    def _timed(self, work: ContextWork, call, *args):
+        start = time.perf_counter()
+        out = call(*args)
+        elapsed = time.perf_counter() - start
+        for row in {id(r): r for r in self._rows_of(work)}.values():
+            row.charge("prefill_seconds" if row.phase == PREFILL else "commit_seconds",
+                       elapsed)
+        return out
+
+    def _rows_of(self, work: ContextWork) -> list[Row]:
+        by_ref = {r.ref: r for r in self.rows}
+        return [by_ref[ref] for group in work.groups for ref in group.rows]
+
     def _drop_finished(self) -> None:
-        kept = []
+        kept, freed = [], []
         for row in self.rows:
             if row.phase == FINISHED:
-                self.pool.give_back(row.slot)
+                freed.append((row.ref, row.mirrored))
             else:
                 kept.append(row)
         self.rows = kept
+        if freed:
+            self.towers.release(freed)
+        self.towers.settle(self.idle)
 
-    # --- prefill ---------------------------------------------------------------------------
-    def _prefill(self, rows: list[Row]) -> None:
-        """Each prefilling row takes its next chunk, one row at a time (lengths differ),
-        within the round's prompt-token budget; a row whose prompt is in moves on."""
-        budget = self.limits.prefill_tokens
-        for row in rows:
+    # --- the context call ------------------------------------------------------------------
+    def _context_work(self, live: list[Row]) -> tuple[ContextWork, list[Row]]:
+        """Prefill chunks (one group per row: lengths differ), then each block size's
+        commits, then every T = 1 token; returns the work and the rows whose prompt it
+        completes."""
+        work, prefilling, budget = ContextWork(), [], self.limits.prefill_tokens
+        for row in (r for r in live if r.phase == PREFILL):
             if budget <= 0:
                 break
-            if row.pending:
+            if row.pending and row.scores_prompt:
+                budget -= self._scored_prefill(work, row, budget)
+            elif row.pending:
                 chunk, row.pending = row.pending[:budget], row.pending[budget:]
                 budget -= len(chunk)
-                self._context_step([row], torch.tensor([chunk]), "prefill_seconds")
+                done = not row.pending
+                work.groups.append(_group([row], torch.tensor([chunk]),
+                                          sample=done and not row.mock))
             if not row.pending:
-                self._start(row)
+                prefilling.append(row)
+                if row.mock:  # its latest prompt token, keeping the states before it
+                    work.groups.append(_group([row], torch.tensor([[row.latest]]),
+                                              keep_previous=True))
+        commits = [r for r in live if r.commit is not None]
+        for group in _groups(commits, lambda r: r.settings.block_size):
+            work.groups.append(_group(group, torch.stack([r.commit for r in group])))
+        tokens = [r for r in live if r.token is not None]
+        if tokens:
+            work.groups.append(_group(tokens, torch.tensor([[r.token] for r in tokens]),
+                                      sample=True, keep_previous=True))
+        return work, prefilling
 
-    def _start(self, row: Row) -> None:
-        """The prompt is in: diffusion starts its first block, AR samples from the prefill's
-        logits, mock-AR first pushes its latest prompt token (keeping the states before it)."""
-        if row.mock:
-            self._context_step([row], torch.tensor([[row.latest]]), "prefill_seconds",
-                               keep_previous=True)
-        row.phase = DENOISE if row.diffusion else SAMPLE
+    @staticmethod
+    def _scored_prefill(work: ContextWork, row: Row, budget: int) -> int:
+        """Echo with logprobs: the prompt goes in a token at a time (one group each, all in
+        this call), each step scoring the prompt's next token; returns the tokens pushed."""
+        prompt = row.request.prompt_ids
+        pushed = 0
+        while row.pending and pushed < budget:
+            index = len(prompt) - len(row.pending)
+            token, row.pending = row.pending[0], row.pending[1:]
+            target = prompt[index + 1] if index + 1 < len(prompt) else None
+            sample = Sample(row.settings, 0, target) if target is not None else \
+                row.next_sample()
+            work.groups.append(ExtendGroup([row.ref], torch.tensor([[token]]), [row.mirrored],
+                                           [False], [sample]))
+            pushed += 1
+        return pushed
 
-    # --- denoiser ----------------------------------------------------------------------------
-    def _denoise(self, rows: list[Row]) -> list[Row]:
-        """One denoiser step for every row mid-block; returns the rows whose block resolved
-        and that go on (to be committed this round)."""
-        resolved = []
-        for group in _groups(rows, lambda r: (r.settings.block_size, self._fused(r))):
-            self._denoise_group(group)
-            for row in group:
+    def _took_context_step(self, work: ContextWork, tokens: list[list[Optional[int]]],
+                           scores: list[list[Optional[TokenScore]]], prefilling: list[Row]
+                           ) -> None:
+        by_ref = {r.ref: r for r in self.rows}
+        for group, sampled, scored in zip(work.groups, tokens, scores or
+                                          [[None] * len(g.rows) for g in work.groups]):
+            for ref, token, score, sample in zip(group.rows, sampled, scored, group.sample):
+                row = by_ref[ref]
+                row.result.stats.context_steps += 1
+                row.commit = row.token = None
+                if sample is not None and sample.target is not None:
+                    row.result.prompt_logprobs.append(score)
+                elif token is not None:
+                    row.sampled, row.sampled_score = token, score
+        for row in prefilling:
+            row.phase = DENOISE if row.diffusion else SAMPLE
+
+    # --- the denoiser call -----------------------------------------------------------------
+    def _denoise_groups(self, rows: list[Row]) -> list[DenoiseGroup]:
+        return [DenoiseGroup([r.ref for r in g], torch.stack([r.block for r in g]),
+                             [r.settings for r in g], [r.diffusion_key for r in g],
+                             [r.settings.steps_per_block - r.step_in_block for r in g])
+                for g in _groups(rows, lambda r: r.settings.block_size)]
+
+    @staticmethod
+    def _mock_group(rows: list[Row]) -> Optional[MockGroup]:
+        if not rows:
+            return None
+        return MockGroup([r.ref for r in rows], [r.latest for r in rows],
+                         [r.settings for r in rows], [r.step for r in rows])
+
+    def _took_denoiser_step(self, work: DenoiserWork, blocks: list[torch.Tensor],
+                            mock: list[Row], tokens: list[int]) -> None:
+        by_ref = {r.ref: r for r in self.rows}
+        for delta in work.deltas:
+            by_ref[delta.row].result.stats.handoff_bytes += delta.size
+        mask_id = self.config.mask_token_id
+        for group, nxt in zip(work.groups, blocks):
+            for i, ref in enumerate(group.rows):
+                row = by_ref[ref]
+                row.block = nxt[i].clone()
                 row.step_in_block += 1
                 row.result.stats.denoiser_evals += 1
-                masks_left = bool((row.block == self.config.mask_token_id).any())
+                masks_left = bool((row.block == mask_id).any())
                 if masks_left and row.step_in_block < row.settings.steps_per_block:
                     continue
-                row.step_in_block = 0
                 row.emit(row.block.tolist(), self.config.eos_token_id)
+                row.step_in_block, row.block_index = 0, row.block_index + 1
                 if row.phase != FINISHED:
-                    resolved.append(row)
-        return resolved
-
-    def _fused(self, row: Row) -> bool:
-        s = row.settings
-        return self.fused_unmask and s.temperature <= 0.0 and s.forced_commits is None
-
-    def _denoise_group(self, rows: list[Row]) -> None:
-        mask_id = self.config.mask_token_id
-        block = torch.stack([r.block for r in rows])
-        t = (block == mask_id).float().mean(-1)
-        steps_left = torch.tensor([r.settings.steps_per_block - r.step_in_block for r in rows])
-        cache = gather(self.pool.mirror, [r.slot for r in rows])
-        start = time.perf_counter()
-        if self._fused(rows[0]):
-            gamma = torch.tensor([r.settings.confidence_threshold for r in rows])
-            nxt, _, _ = self.denoiser.denoiser_unmask_step(block, t, cache, gamma, steps_left)
-            nxt = nxt.to(block.device)
-        else:
-            logits = self.denoiser.denoiser_step(block, t, cache)
-            nxt = torch.cat([self._commit(r, logits[i:i + 1], block[i:i + 1],
-                                          int(steps_left[i])) for i, r in enumerate(rows)])
-        elapsed = time.perf_counter() - start
-        for i, row in enumerate(rows):
-            row.block = nxt[i].clone()
-            row.charge("denoise_seconds", elapsed)
-
-    def _commit(self, row: Row, logits: torch.Tensor, block: torch.Tensor, steps_left: int
-                ) -> torch.Tensor:
-        s, mask_id = row.settings, self.config.mask_token_id
-        pred, conf = policy.diffusion_predictions(logits, mask_id, s.temperature,
-                                                  torch.tensor([s.seed]), row.diffusion_key)
-        nxt, _ = policy.commit_step(block, pred, conf, mask_id, s.confidence_threshold,
-                                    steps_left, s.forced_commits)
-        return nxt
-
-    def _mock_ar(self, rows: list[Row]) -> list[Row]:
-        """Mock-AR: the denoiser's next token from each row's latest token over its mirror one
-        token back; returns the rows whose token goes on to the context tower."""
-        if not rows:
-            return []
-        slots = [r.slot for r in rows]
-        view = gather(self.pool.mirror, slots)
-        view = view.one_token_back({n: gather_tensor(t, slots)
-                                    for n, t in self.pool.snapshot.items()})
-        latest = torch.tensor([[r.latest] for r in rows])
-        logits = _timed(rows, "denoise_seconds", self.denoiser.mock_ar_step, latest, view)
-        for row in rows:
+                    row.commit = row.block
+                row.block = torch.full_like(row.block, mask_id)
+        for row, token in zip(mock, tokens):
             row.result.stats.denoiser_evals += 1
-        return self._emit_samples(rows, logits)
+            self._emit_token(row, token)
 
-    def _sample_ar(self, rows: list[Row]) -> list[Row]:
-        if not rows:
-            return []
-        return self._emit_samples(rows, torch.cat([r.logits for r in rows]))
+    def _emit_token(self, row: Row, token: int, score: Optional[TokenScore] = None) -> None:
+        """An AR or mock-AR token: kept, streamed, and pushed through the context tower next
+        round unless the row is finished."""
+        row.emit([token], self.config.eos_token_id, score)
+        if row.phase != FINISHED:
+            row.latest, row.step = token, row.step + 1
+            row.token = token
 
-    def _emit_samples(self, rows: list[Row], logits: torch.Tensor) -> list[Row]:
-        going_on = []
-        for i, row in enumerate(rows):
-            token = int(policy.sample_next(logits[i:i + 1], row.settings,
-                                           torch.tensor([row.settings.seed]), row.step)[0])
-            row.emit([token], self.config.eos_token_id)
-            if row.phase != FINISHED:
-                row.latest, row.step = token, row.step + 1
-                going_on.append(row)
-        return going_on
 
-    # --- context tower -------------------------------------------------------------------------
-    def _context_step(self, rows: list[Row], ids: torch.Tensor, phase: str,
-                      keep_previous: bool = False) -> None:
-        """One context step over ``rows``' slots; mirrors what changed to the denoiser's pool
-        for the rows that read it and leaves each AR row its logits. ``keep_previous`` first
-        keeps mock-AR rows' mirrored Mamba states: the "S−2" view of their next step."""
-        pool, slots = self.pool, [r.slot for r in rows]
-        for row in rows:
-            if keep_previous and row.mock:
-                for name, snap in pool.snapshot.items():
-                    snap[row.slot] = pool.mirror.tensors[name][row.slot]
-        cache = gather(pool.context, slots)
-        before = cache.lengths.clone()
-        logits = _timed(rows, phase, self.context.context_step, ids, cache)
-        scatter(pool.context, slots, cache)
-        for i, row in enumerate(rows):
-            row.result.stats.context_steps += 1
-            if row.mirrored:
-                row.result.stats.handoff_bytes += self._mirror(row.slot, int(before[i]))
-            if not row.mirrored:
-                row.logits = logits[i:i + 1]
+def _share(rows: list[Row], crossed: int) -> None:
+    """Split a call's boundary bytes between the rows it served."""
+    unique = list({id(r): r for r in rows}.values())
+    for row in unique:
+        row.result.stats.boundary_bytes += crossed // len(unique) if unique else 0
 
-    def _mirror(self, slot: int, old: int) -> int:
-        """Copy a slot's new positions and its Mamba states to the denoiser's pool; returns
-        the bytes moved."""
-        src, dst = self.pool.context, self.pool.mirror
-        new = int(src.lengths[slot])
-        moved = 0
-        for name in src.kv_names():
-            piece = src.tensors[name][slot, :, old:new]
-            dst.tensors[name][slot, :, old:new] = piece.to(dst.device)
-            moved += piece.numel() * piece.element_size()
-        for name in src.mamba_names():
-            piece = src.tensors[name][slot]
-            dst.tensors[name][slot] = piece.to(dst.device)
-            moved += piece.numel() * piece.element_size()
-        dst.lengths[slot] = new
-        return moved
+
+def _group(rows: list[Row], ids: torch.Tensor, sample: bool = False,
+           keep_previous: bool = False) -> ExtendGroup:
+    return ExtendGroup([r.ref for r in rows], ids, [r.mirrored for r in rows],
+                       [keep_previous and r.mock for r in rows],
+                       [r.next_sample() if sample else None for r in rows])
 
 
 def _groups(rows: list[Row], key: Callable[[Row], object]) -> list[list[Row]]:

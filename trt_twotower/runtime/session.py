@@ -21,16 +21,16 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .. import policy
 from ..config import TwoTowerConfig
 from ..policy import GenerationError, GenerationSettings
-from .cache import StepCache
 from .executor import ContextExecutor, DenoiserExecutor
+from .local_towers import LocalTowers
 from .scheduler import (FINISHED, OnDelta, Request, RequestResult, RequestStats, Row,
                         SchedulerLimits, StepScheduler)
+from .tower_work import TowerPair
 
 __all__ = ["Handle", "OnDelta", "Request", "RequestResult", "RequestStats", "SessionBusy",
-           "TwoTowerSession", "denoise_and_commit"]
+           "TwoTowerSession"]
 
 DEFAULT_MAX_WAITING = 1024
 IDLE_POLL_SECONDS = 0.5
@@ -81,6 +81,10 @@ class Handle:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the request to end, whatever the outcome; False on timeout."""
+        return self._done.wait(timeout)
+
     async def wait(self) -> RequestResult:
         """``result()`` for asyncio: awaits the request's end without blocking the loop."""
         loop = asyncio.get_running_loop()
@@ -107,11 +111,25 @@ class TwoTowerSession:
                  config: TwoTowerConfig, max_context: int, dtype: torch.dtype = torch.float32,
                  fused_unmask: bool = False, limits: SchedulerLimits = SchedulerLimits(),
                  max_waiting: int = DEFAULT_MAX_WAITING) -> None:
-        self.context, self.denoiser, self.config = context, denoiser, config
-        self.max_context, self.dtype = max_context, dtype
-        self.scheduler = StepScheduler(context, denoiser, config, max_context, dtype,
-                                       fused_unmask, limits)
-        self.fused_unmask = self.scheduler.fused_unmask
+        self.context, self.denoiser, self.dtype = context, denoiser, dtype
+        towers = LocalTowers(context, denoiser, config, limits.capacity, max_context, dtype,
+                             fused_unmask)
+        self.fused_unmask = towers.fused_unmask
+        self._drive(towers, config, max_context, limits, max_waiting)
+
+    @classmethod
+    def over(cls, towers: TowerPair, config: TwoTowerConfig, max_context: int,
+             limits: SchedulerLimits = SchedulerLimits(),
+             max_waiting: int = DEFAULT_MAX_WAITING) -> "TwoTowerSession":
+        """The same front and loop over towers elsewhere (the Triton tower models)."""
+        session = cls.__new__(cls)
+        session._drive(towers, config, max_context, limits, max_waiting)
+        return session
+
+    def _drive(self, towers: TowerPair, config: TwoTowerConfig, max_context: int,
+               limits: SchedulerLimits, max_waiting: int) -> None:
+        self.config, self.max_context = config, max_context
+        self.scheduler = StepScheduler(towers, config, max_context, limits)
         self.max_waiting = max_waiting
         self._lock = threading.Condition()
         self._inbox: list[Handle] = []
@@ -242,21 +260,3 @@ def _close_open_sessions() -> None:
     for session in list(_OPEN_SESSIONS):
         session.close()
 
-
-def denoise_and_commit(denoiser: DenoiserExecutor, block: torch.Tensor, t: torch.Tensor,
-                       cache: StepCache, s: GenerationSettings, seeds: torch.Tensor,
-                       step_key: int, mask_token_id: int, fused_unmask: bool) -> torch.Tensor:
-    """One diffusion step of one request (a Triton tower model): the next block ids, by the
-    fused unmask op when the executor has it and the step is greedy, otherwise logits then
-    the policy. Step ``step_key`` of a block of ``steps_per_block``."""
-    steps_left = s.steps_per_block - step_key % s.steps_per_block
-    if fused_unmask and s.temperature <= 0.0 and s.forced_commits is None:
-        nxt, _, _ = denoiser.denoiser_unmask_step(block, t, cache, s.confidence_threshold,
-                                                  steps_left)
-        return nxt.to(block.device)
-    logits = denoiser.denoiser_step(block, t, cache)
-    pred, conf = policy.diffusion_predictions(logits, mask_token_id, s.temperature, seeds,
-                                              step_key)
-    nxt, _ = policy.commit_step(block, pred, conf, mask_token_id, s.confidence_threshold,
-                                steps_left, s.forced_commits)
-    return nxt

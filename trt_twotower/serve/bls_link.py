@@ -1,103 +1,139 @@
-"""The orchestrator's link to the tower models from inside Triton: each tower call is a BLS
-request (``pb_utils.InferenceRequest``) to ``context_tower`` or ``denoiser_tower``, carrying the
-server's tower secret and the sequence's owner token. The link counts every byte it sends and
-receives — the bytes that cross process boundaries."""
+"""The orchestrator's ``TowerPair``: the step loop's two calls per round, sent to the tower
+models as one request each (``tower_requests.py``), carrying the server's tower secret.
+
+Inside Triton a call is a BLS request (``pb_utils.InferenceRequest``); ``direct_call`` runs the
+same encoded tensors against tower objects in this process, which is how the protocol is tested
+without a server. Sequences get random keys (``SequenceKey.new``); a finished sequence's release
+rides on the next round's calls, or goes alone when the loop falls idle. Every byte sent and
+received is counted: the bytes that cross process boundaries.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import TwoTowerError
-from ..policy import GenerationSettings
-from .repository import CONTEXT_MODEL, DENOISER_MODEL, TOWER_MODELS
-from .towers import SequenceKey, settings_to_json
+from ..runtime.tower_work import (ContextResult, ContextWork, DenoiserResult, DenoiserWork,
+                                  Ref)
+from .repository import CONTEXT_MODEL, DENOISER_MODEL
+from .tower_requests import (decode_context_result, decode_denoiser_result, denoiser_outputs,
+                             encode_context, encode_denoiser, handle)
+from .towers import ContextTower, DenoiserTower, SequenceKey
+
+# (model name, named inputs, output names) -> named outputs
+TowerCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
 
 
 class TowerCallError(TwoTowerError, RuntimeError):
-    """A tower model answered a BLS call with an error (its message is kept)."""
+    """A tower model answered with an error (its message is kept)."""
 
 
-def _nbytes(value: np.ndarray) -> int:
+def nbytes(value: np.ndarray) -> int:
     if value.dtype == np.object_:
         return sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in value.reshape(-1))
     return int(value.nbytes)
 
 
-def _text(value: str) -> np.ndarray:
-    return np.array([value.encode()], dtype=np.object_)
-
-
-class BlsLink:
-    def __init__(self, pb_utils: Any, secret: str) -> None:
-        self.pb, self.secret = pb_utils, secret
-        self.boundary_bytes = 0
-
-    def _call(self, model: str, op: str, sequence: SequenceKey, outputs: list[str],
-              **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        inputs = {"op": _text(op), "tower_secret": _text(self.secret),
-                  "sequence_id": np.array([sequence.id], dtype=np.uint64),
-                  "owner": _text(sequence.owner), **inputs}
-        request = self.pb.InferenceRequest(
+def bls_call(pb_utils: Any) -> TowerCall:
+    """Tower calls as BLS requests from inside a Triton Python model."""
+    def call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]
+             ) -> dict[str, np.ndarray]:
+        request = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=outputs,
-            inputs=[self.pb.Tensor(name, value) for name, value in inputs.items()])
+            inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()])
         response = request.exec()
         if response.has_error():
-            raise TowerCallError(f"{model} ({op}): {response.error().message()}")
-        out = {name: self.pb.get_output_tensor_by_name(response, name).as_numpy()
-               for name in outputs}
-        self.boundary_bytes += sum(map(_nbytes, inputs.values())) + sum(map(_nbytes,
-                                                                             out.values()))
+            raise TowerCallError(f"{model}: {response.error().message()}")
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+                for name in outputs}
+    return call
+
+
+def direct_call(context: ContextTower, denoiser: DenoiserTower, secret: str) -> TowerCall:
+    """The same requests answered by tower objects in this process."""
+    towers = {CONTEXT_MODEL: context, DENOISER_MODEL: denoiser}
+
+    def call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]
+             ) -> dict[str, np.ndarray]:
+        try:
+            answer = handle(towers[model], inputs, secret)
+        except TwoTowerError as err:
+            raise TowerCallError(f"{model}: {err}") from None
+        return {name: answer[name] for name in outputs}
+    return call
+
+
+class RemoteTowers:
+    """Both tower models behind a ``TowerCall``."""
+
+    def __init__(self, call: TowerCall, secret: str, capacity: int) -> None:
+        self.call, self.secret, self.capacity = call, secret, capacity
+        self.open: dict[SequenceKey, bool] = {}    # open sequences: mirrored on the denoiser?
+        self.pending: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
+        self.waited: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
+        self.boundary_bytes = self.crossed = 0
+
+    def new_ref(self) -> Ref:
+        return SequenceKey.new()
+
+    def _send(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]
+              ) -> dict[str, np.ndarray]:
+        out = self.call(model, inputs, outputs)
+        self.crossed = sum(map(nbytes, inputs.values())) + sum(map(nbytes, out.values()))
+        self.boundary_bytes += self.crossed
         return out
 
-    @staticmethod
-    def _ids(ids: list[int]) -> np.ndarray:
-        return np.asarray(ids, dtype=np.int64)
+    def _releases(self, model: str) -> list[SequenceKey]:
+        released, self.pending[model] = self.pending[model], []
+        return released
 
-    def open(self, sequence: SequenceKey, denoiser: bool) -> None:
-        """Open the sequence on the context tower, and on the denoiser when the mode uses it
-        (AR never does, so its request holds no denoiser slot)."""
-        for model in TOWER_MODELS if denoiser else (CONTEXT_MODEL,):
-            self._call(model, "open", sequence, ["opened"])
+    def context(self, work: ContextWork) -> ContextResult:
+        work.released = self._releases(CONTEXT_MODEL)
+        for key in work.opened:
+            self.open[key] = False
+        outputs = ["token", "cache_delta", "score"] if work.groups else []
+        result = decode_context_result(work, self._send(
+            CONTEXT_MODEL, encode_context(work, self.secret), outputs))
+        result.crossed = self.crossed
+        return result
 
-    def context_extend(self, sequence: SequenceKey, ids: list[int]) -> np.ndarray:
-        return self._call(CONTEXT_MODEL, "extend", sequence, ["cache_delta"],
-                          input_ids=self._ids(ids))["cache_delta"]
+    def denoiser(self, work: DenoiserWork) -> DenoiserResult:
+        work.released = self._releases(DENOISER_MODEL)
+        for key in work.opened:
+            self.open[key] = True
+        result = decode_denoiser_result(work, self._send(
+            DENOISER_MODEL, encode_denoiser(work, self.secret), denoiser_outputs(work)))
+        result.crossed = self.crossed
+        return result
 
-    def context_extend_and_sample(self, sequence: SequenceKey, ids: list[int],
-                                  settings: GenerationSettings, step_key: int) -> int:
-        out = self._call(CONTEXT_MODEL, "extend_and_sample", sequence, ["token"],
-                         input_ids=self._ids(ids), settings=_text(settings_to_json(settings)),
-                         step_key=np.array([step_key], dtype=np.int64))
-        return int(out["token"][0])
+    def release(self, refs: list[tuple[Ref, bool]]) -> None:
+        for key, _ in refs:
+            mirrored = self.open.pop(key, False)
+            self.pending[CONTEXT_MODEL].append(key)
+            if mirrored:
+                self.pending[DENOISER_MODEL].append(key)
 
-    def denoiser_append(self, sequence: SequenceKey, delta: np.ndarray,
-                        keep_previous: bool) -> None:
-        self._call(DENOISER_MODEL, "append", sequence, ["length"], cache_delta=delta,
-                   keep_previous=np.array([keep_previous], dtype=bool))
+    def settle(self, idle: bool) -> None:
+        """Releases ride on the next round's calls; what a round did not carry (it made no
+        call to that tower), or everything once the loop falls idle, goes alone now."""
+        for model in (CONTEXT_MODEL, DENOISER_MODEL):
+            late = self.pending[model] if idle else \
+                [k for k in self.pending[model] if k in set(self.waited[model])]
+            if late:
+                self.pending[model] = [k for k in self.pending[model] if k not in set(late)]
+                work = ContextWork(released=late) if model == CONTEXT_MODEL else \
+                    DenoiserWork(released=late)
+                encode = encode_context if model == CONTEXT_MODEL else encode_denoiser
+                self._send(model, encode(work, self.secret), [])
+            self.waited[model] = list(self.pending[model])
 
-    def denoiser_step(self, sequence: SequenceKey, block: list[int], settings: GenerationSettings,
-                      step_key: int) -> list[int]:
-        out = self._call(DENOISER_MODEL, "step", sequence, ["block_ids"],
-                         input_ids=self._ids(block), settings=_text(settings_to_json(settings)),
-                         step_key=np.array([step_key], dtype=np.int64))
-        return out["block_ids"].tolist()
-
-    def denoiser_mock_ar(self, sequence: SequenceKey, token: int, settings: GenerationSettings,
-                         step_key: int) -> int:
-        out = self._call(DENOISER_MODEL, "mock_ar", sequence, ["token"],
-                         input_ids=self._ids([token]), settings=_text(settings_to_json(settings)),
-                         step_key=np.array([step_key], dtype=np.int64))
-        return int(out["token"][0])
-
-    def release(self, sequence: SequenceKey) -> None:
-        """Both towers free the sequence; a failure to release is reported, not hidden."""
-        errors = []
-        for model in TOWER_MODELS:
-            try:  # each tower is asked whatever happened to the other
-                self._call(model, "release", sequence, ["released"])
-            except Exception as err:
-                errors.append(str(err))
-        if errors:
-            raise TowerCallError("; ".join(errors))
+    def forget(self) -> None:
+        """After a failed round: ask both towers to free every sequence this loop opened
+        (best effort: a tower that failed may be gone)."""
+        self.release([(key, True) for key in list(self.open)])
+        try:
+            self.settle(idle=True)
+        except Exception:  # noqa: BLE001 - the round's own error is the one reported
+            self.pending = {CONTEXT_MODEL: [], DENOISER_MODEL: []}

@@ -88,7 +88,25 @@ def _arrays(prompt: Union[str, list[int]], settings: GenerationSettings, stream:
             _entry("block_size", settings.block_size, "INT32"),
             _entry("steps_per_block", settings.steps_per_block, "INT32"),
             _entry("confidence_threshold", settings.confidence_threshold, "FP32"),
-            _entry("seed", settings.seed, "INT64")]
+            _entry("seed", settings.seed, "INT64")] + _orchestrator_only(prompt, settings)
+
+
+def _orchestrator_only(prompt: Union[str, list[int]], settings: GenerationSettings
+                       ) -> list[tuple[str, np.ndarray, str]]:
+    """Settings the orchestrator takes and the ensemble does not pass on: sent with token
+    ids only, and only when they differ from the defaults."""
+    if isinstance(prompt, str):
+        return []
+    extra = []
+    if settings.forced_commits is not None:
+        extra.append(_entry("forced_commits", settings.forced_commits, "INT32"))
+    if not settings.stop_at_eos:
+        extra.append(_entry("ignore_eos", True, "BOOL"))
+    if settings.logprobs is not None:
+        extra.append(_entry("logprobs", settings.logprobs, "INT32"))
+    if settings.echo:
+        extra.append(_entry("echo", True, "BOOL"))
+    return extra
 
 
 def _inputs(prompt: Union[str, list[int]], settings: GenerationSettings, stream: bool
@@ -116,6 +134,8 @@ def stream_generate(url: str, prompt: Union[str, list[int]], settings: Generatio
     """Yields (ids, text, stats) per response; stops after the final response, or raises
     ClientError when the server refuses, is unreachable or sends nothing for ``timeout``
     seconds. ``before_send`` runs once the stream is open, just before the request goes out.
+    With ``settings.logprobs``, a response's stats carry its tokens' scores under
+    ``logprobs`` (``tokens``; the first also ``prompt`` when the settings echo).
 
     A text prompt goes to ``ensemble``, token ids straight to the orchestrator
     (``twotower_bls``). Either way a stream that ends early (``cancel_after_blocks``, a
@@ -163,6 +183,9 @@ def _responses(responses: "queue.Queue", url: str, timeout: float,
         ids = result.as_numpy("output_ids")
         stats = result.as_numpy("stats")
         stats = json.loads(stats[0]) if stats is not None and stats[0] else {}
+        scores = result.as_numpy("logprobs")
+        if scores is not None and scores[0]:
+            stats["logprobs"] = json.loads(scores[0])  # this response's tokens' scores
         if ids is not None and (len(ids) or not final):
             text = result.as_numpy("text_output")
             yield ids.tolist(), text[0].decode() if text is not None else "", stats

@@ -33,11 +33,12 @@ from ..errors import TwoTowerError
 from ..policy import GenerationError, GenerationSettings, blocks_needed
 from ..tokenizer import TwoTowerTokenizer
 from .client import ClientError, stream_generate
+from .openai_logprobs import logprobs_object
 
 RETRY_AFTER_S = 1
 START_TIMEOUT_S = 30.0
 TRITON_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # where it failed, not what
-SETTINGS = ("max_tokens", "block_size", "steps_per_block", "confidence_threshold",
+SETTINGS = ("logprobs", "max_tokens", "block_size", "steps_per_block", "confidence_threshold",
             "temperature", "top_p", "mode")
 CLIENT_CLOSED = 499  # the status nginx logs for a client that left before its answer
 
@@ -103,7 +104,7 @@ class CompletionRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=5)
     echo: bool = False
     mode: str = GenerationSettings.mode
     block_size: int = Field(GenerationSettings.block_size, ge=1)
@@ -116,9 +117,9 @@ def _unsupported(request: CompletionRequest) -> None:
     if request.n != 1:
         raise APIError(400, f"n={request.n}: one choice per request is served (n=1)",
                        param="n")
-    if request.logprobs is not None or request.echo:
-        param = "logprobs" if request.logprobs is not None else "echo"
-        raise APIError(400, f"{param} is not supported yet", param=param)
+    if request.logprobs is not None and request.stream:
+        raise APIError(400, "logprobs are answered by non-streaming requests: send "
+                            "stream: false", param="logprobs")
 
 
 def _prompt_ids(prompt: Union[str, list], tokenizer: TwoTowerTokenizer) -> list[int]:
@@ -146,16 +147,19 @@ def _prompt_ids(prompt: Union[str, list], tokenizer: TwoTowerTokenizer) -> list[
 def _settings(request: CompletionRequest) -> GenerationSettings:
     """The generation the orchestrator runs: diffusion makes whole blocks, so the budget is
     rounded up to a block multiple here and the text cut back to ``max_tokens`` later."""
-    budget = request.max_tokens
-    if request.mode == "diffusion":
+    budget, mode = request.max_tokens, request.mode
+    if request.logprobs is not None and "mode" not in request.model_fields_set:
+        mode = "ar"  # log-probabilities come from the context tower's next-token steps
+    if mode == "diffusion":
         budget = blocks_needed(budget, request.block_size) * request.block_size
     try:
         return GenerationSettings(
-            mode=request.mode, max_new_tokens=budget, block_size=request.block_size,
+            mode=mode, max_new_tokens=budget, block_size=request.block_size,
             steps_per_block=request.steps_per_block,
             confidence_threshold=request.confidence_threshold,
             temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed if request.seed is not None else GenerationSettings.seed)
+            seed=request.seed if request.seed is not None else GenerationSettings.seed,
+            logprobs=request.logprobs, echo=request.echo and request.logprobs is not None)
     except GenerationError as err:
         raise APIError(400, str(err), param=_named_param(str(err))) from None
 
@@ -292,13 +296,20 @@ class Job:
     settings: GenerationSettings
     cutter: TextCutter
     wants_usage: bool  # run on after a stop string: the usage needs the server's final stats
+    echo: bool = False
     stats: dict = field(default_factory=dict)
+    scores: list = field(default_factory=list)          # the completion tokens'
+    prompt_scores: Optional[list] = None               # echo: the prompt's, after the first
 
     def pieces(self, url: str, timeout: float) -> Iterator[str]:
         """Text as it becomes final, block by block; closing it cancels the request."""
         with closing(stream_generate(url, self.prompt_ids, self.settings, True,
                                      timeout)) as stream:
             for ids, _, stats in stream:
+                scored = stats.pop("logprobs", None) if stats else None
+                if scored is not None:
+                    self.scores += scored.get("tokens", [])
+                    self.prompt_scores = scored.get("prompt", self.prompt_scores)
                 self.stats = stats or self.stats
                 if self.cutter.finish_reason is None:
                     yield self.cutter.add(ids)
@@ -315,8 +326,21 @@ class Job:
                 "denoiser_evaluations": self.stats.get("denoiser_evaluations"),
                 "tokens_per_evaluation": self.stats.get("tokens_per_evaluation")}
 
-    def choice(self, text: str, finish_reason: Optional[str]) -> dict:
-        return {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": None}
+    def choice(self, text: str, finish_reason: Optional[str], logprobs: Optional[dict] = None
+               ) -> dict:
+        return {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
+
+    def echoed(self, tokenizer: TwoTowerTokenizer) -> str:
+        """The prompt's text when the request echoes it, else nothing."""
+        return tokenizer.decode(self.prompt_ids) if self.echo else ""
+
+    def logprobs(self, tokenizer: TwoTowerTokenizer) -> Optional[dict]:
+        """The completion's logprobs object for the tokens it kept (after a stop string)."""
+        if self.settings.logprobs is None:
+            return None
+        kept = self.cutter.completion_tokens
+        return logprobs_object(tokenizer, self.prompt_ids, self.cutter.ids[:kept],
+                               self.prompt_scores if self.echo else None, self.scores[:kept])
 
     def envelope(self, choices: list[dict], **extra: Any) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -368,7 +392,7 @@ def create_app(grpc_url: str, model_name: str, tokenizer: TwoTowerTokenizer,
         return Job(f"cmpl-{uuid.uuid4().hex}", int(time.time()), model_name,
                    _prompt_ids(body.prompt, tokenizer), _settings(body),
                    TextCutter(tokenizer, body.max_tokens, _stops(body.stop)),
-                   wants_usage=include_usage or not body.stream)
+                   wants_usage=include_usage or not body.stream, echo=body.echo)
 
     def admit() -> None:
         if metrics.in_flight >= max_in_flight:
@@ -403,10 +427,11 @@ def create_app(grpc_url: str, model_name: str, tokenizer: TwoTowerTokenizer,
         except BaseException:
             metrics.in_flight -= 1
             raise
+        first = job.echoed(tokenizer) + (first or "")
         if body.stream:
             return StreamingResponse(_stream(job, pieces, first, metrics),
                                      media_type="text/event-stream")
-        return JSONResponse(await _whole(job, pieces, first, metrics))
+        return JSONResponse(await _whole(job, pieces, first, metrics, tokenizer))
 
     return app
 
@@ -429,8 +454,9 @@ async def _next_piece(pieces: Iterator[str]) -> Optional[str]:
 
 
 async def _whole(job: Job, pieces: Iterator[str], first: Optional[str],
-                 metrics: Metrics) -> dict:
-    """The non-streaming response: every piece, then one choice and the usage."""
+                 metrics: Metrics, tokenizer: TwoTowerTokenizer) -> dict:
+    """The non-streaming response: every piece, then one choice (with its logprobs when
+    asked) and the usage."""
     parts = [first or ""]
     try:
         while (piece := await _next_piece(pieces)) is not None:
@@ -439,7 +465,8 @@ async def _whole(job: Job, pieces: Iterator[str], first: Optional[str],
         metrics.in_flight -= 1
     usage = job.usage()
     metrics.finished(200, usage)
-    return job.envelope([job.choice("".join(parts), job.cutter.finish_reason)], usage=usage)
+    return job.envelope([job.choice("".join(parts), job.cutter.finish_reason,
+                                    job.logprobs(tokenizer))], usage=usage)
 
 
 async def _stream(job: Job, pieces: Iterator[str], first: Optional[str],

@@ -1,178 +1,146 @@
-"""One request's generation over two tower models: the block loop the ``twotower_bls`` model
-runs (spec §5), with every cache kept in the tower that computes it.
+"""What the ``twotower_bls`` model runs: one step loop for every request the server holds.
 
-The orchestrator holds ids only. It asks the context tower to extend a sequence and forwards
-the returned cache delta to the denoiser tower; the denoiser tower runs each diffusion step and
-returns the next block's ids. Step keys, per-row timesteps and stopping follow
-``TwoTowerSession`` exactly, so a request served this way produces the same tokens as the
-in-process session (tests check it). A request opens its sequence on the towers first (no
-other op creates one); whatever ends the request — its last token, a cancellation, an error —
-both towers release it.
+All requests share one ``TwoTowerSession`` driven over the tower models (``RemoteTowers``), so
+each round is one batched call per tower whatever the number of requests (the loop, its
+admission, prompt checks and decoding are the in-process engine's, written once). This module
+adds what serving needs around it, with no Triton import so that it is tested without a server:
+
+- answers leave through a ``Responder`` on a thread of their own, so a slow client never holds
+  up a round;
+- a watcher asks every live request's responder whether its client went away (a cancel, a
+  dropped connection, a killed process) and cancels it in the loop, which frees its slots on
+  both towers within one round;
+- a full server refuses at once (``SessionBusy``) rather than queue without bound.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
-import numpy as np
-
-from .. import policy
 from ..config import TwoTowerConfig
-from ..policy import GenerationSettings
-from ..runtime.cache_delta import HEADER_BYTES
-from ..runtime.session import OnDelta, RequestResult
-from .towers import ContextTower, DenoiserTower, SequenceKey
+from ..policy import GenerationSettings, TokenScore
+from ..runtime.scheduler import Request, RequestResult, SchedulerLimits
+from ..runtime.session import Handle, TwoTowerSession
+from .bls_link import RemoteTowers, TowerCall
+
+WATCH_SECONDS = 0.1
+LOG = logging.getLogger(__name__)
 
 
-class TowerLink(Protocol):
-    """How the orchestrator reaches the two towers (in process, or Triton BLS calls)."""
-
-    def open(self, sequence: SequenceKey, denoiser: bool) -> None: ...
-
-    def context_extend(self, sequence: SequenceKey, ids: list[int]) -> np.ndarray: ...
-
-    def context_extend_and_sample(self, sequence: SequenceKey, ids: list[int],
-                                  settings: GenerationSettings, step_key: int) -> int: ...
-
-    def denoiser_append(self, sequence: SequenceKey, delta: np.ndarray,
-                        keep_previous: bool) -> None: ...
-
-    def denoiser_step(self, sequence: SequenceKey, block: list[int],
-                      settings: GenerationSettings, step_key: int) -> list[int]: ...
-
-    def denoiser_mock_ar(self, sequence: SequenceKey, token: int,
-                         settings: GenerationSettings, step_key: int) -> int: ...
-
-    def release(self, sequence: SequenceKey) -> None: ...
+def scores_json(scores: list[TokenScore]) -> list[list]:
+    """Scores as they travel to clients: [token, logprob, [[token, logprob], ...]] each."""
+    return [[s.token, s.logprob, [list(pair) for pair in s.top]] for s in scores]
 
 
-class LocalLink:
-    """Both towers in this process: the reference the Triton path is compared with."""
+class Responder(Protocol):
+    """One request's way back to its client."""
 
-    def __init__(self, context: ContextTower, denoiser: DenoiserTower) -> None:
-        self.context, self.denoiser = context, denoiser
-        self.context_extend = context.extend
-        self.context_extend_and_sample = context.extend_and_sample
-        self.denoiser_append = denoiser.append
-        self.denoiser_step = denoiser.denoise
-        self.denoiser_mock_ar = denoiser.mock_ar
+    def block(self, ids: list[int], scores: Optional[dict]) -> None:
+        """A committed block (a token in AR modes), when the client streams; with its
+        tokens' scores (and, the first time, the prompt's) when the request asks for them."""
 
-    def open(self, sequence: SequenceKey, denoiser: bool) -> None:
-        self.context.open(sequence)
-        if denoiser:
-            self.denoiser.open(sequence)
+    def finish(self, result: RequestResult) -> None:
+        """The request ended: its tokens (unless streamed) and stats; or a cancel."""
 
-    def release(self, sequence: SequenceKey) -> None:
-        self.context.release(sequence)
-        self.denoiser.release(sequence)
+    def fail(self, message: str) -> None:
+        """The request failed; the message is one line for the client."""
+
+    def gone(self) -> bool:
+        """The client cancelled or went away."""
 
 
-class _Request:
-    def __init__(self, link: TowerLink, sequence: SequenceKey, settings: GenerationSettings,
-                 on_delta: Optional[OnDelta], eos: int) -> None:
-        self.link, self.sequence, self.settings = link, sequence, settings
-        self.on_delta, self.eos = on_delta, eos
-        self.result = RequestResult()
-        self.done = False
+class Orchestrator:
+    def __init__(self, call: TowerCall, secret: str, config: TwoTowerConfig, max_context: int,
+                 limits: SchedulerLimits, max_waiting: int) -> None:
+        self.towers = RemoteTowers(call, secret, limits.capacity)
+        self.session = TwoTowerSession.over(self.towers, config, max_context, limits,
+                                            max_waiting)
+        self.live: dict[Handle, Responder] = {}
+        self._lock = threading.Lock()
+        self._answers: queue.Queue = queue.Queue()
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._answer, name="bls-answers", daemon=True),
+                         threading.Thread(target=self._watch, name="bls-watch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
-    def timed(self, phase: str, call: Callable, *args):
-        start = time.perf_counter()
-        try:
-            return call(*args)
-        finally:
-            stats = self.result.stats
-            setattr(stats, phase, getattr(stats, phase) + time.perf_counter() - start)
+    def submit(self, prompt_ids: list[int], settings: GenerationSettings,
+               responder: Responder) -> Handle:
+        """Queue a request; raises ``SessionBusy`` or a ``GenerationError`` at once."""
+        request = Request(prompt_ids, settings)
+        sent_prompt = [False]
 
-    def extend(self, ids: list[int], keep_previous: bool = False,
-               phase: str = "commit_seconds") -> None:
-        delta = self.timed(phase, self.link.context_extend, self.sequence, ids)
-        self.timed(phase, self.link.denoiser_append, self.sequence, delta, keep_previous)
-        self.result.stats.context_steps += 1
-        self.result.stats.handoff_bytes += int(delta.size) - HEADER_BYTES  # bookkeeping only
+        def on_delta(ids: list[int]) -> Optional[bool]:
+            if self._stopping.is_set():
+                return False
+            scores = None
+            if settings.logprobs is not None:
+                kept = request.result.logprobs
+                scores = {"tokens": scores_json(kept[len(kept) - len(ids):])}
+                if not sent_prompt[0]:
+                    scores["prompt"] = scores_json(request.result.prompt_logprobs)
+                    sent_prompt[0] = True
+            self._answers.put((lambda value: responder.block(*value), (ids, scores)))
+            return None
 
-    def emit(self, ids: list[int]) -> None:
-        ids, self.done = policy.accept_tokens(len(self.result.tokens), ids, self.settings,
-                                              self.eos)
-        self.result.tokens.extend(ids)
-        if self.on_delta is not None and ids and self.on_delta(ids) is False:
-            self.result.cancelled = self.done = True
+        request.on_delta = on_delta
+        handle = self.session.submit(request)
+        with self._lock:
+            self.live[handle] = responder
+        handle.add_done_callback(self._ended)
+        return handle
 
-
-def generate(link: TowerLink, sequence: SequenceKey, prompt_ids: list[int],
-             settings: GenerationSettings, config: TwoTowerConfig,
-             on_delta: Optional[OnDelta] = None) -> RequestResult:
-    """Run one request to its end; the towers release ``sequence`` whatever happens."""
-    if not prompt_ids:
-        raise policy.GenerationError("a prompt needs at least one token")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= config.vocab_size:
-        raise policy.GenerationError(f"prompt ids must lie in [0, {config.vocab_size})")
-    request = _Request(link, sequence, settings, on_delta, config.eos_token_id)
-    try:
-        link.open(sequence, denoiser=settings.mode != "ar")
-        {"diffusion": _diffusion, "ar": _ar, "mock-ar": _mock_ar}[settings.mode](
-            request, prompt_ids, config.mask_token_id)
-    except BaseException:
-        try:
-            link.release(sequence)
-        except Exception:  # the original error is the one to report
-            pass
-        raise
-    try:
-        link.release(sequence)
-    except Exception as err:  # the request succeeded; the leak is the operator's to see
-        logging.getLogger(__name__).error("sequence %d was not released: %s", sequence.id, err)
-    return request.result
-
-
-def _diffusion(r: _Request, prompt: list[int], mask_id: int) -> None:
-    s = r.settings
-    r.extend(prompt, phase="prefill_seconds")
-    block_index = 0
-    while True:
-        block = [mask_id] * s.block_size
-        for step in range(s.steps_per_block):
-            if mask_id not in block:
-                break
-            block = r.timed("denoise_seconds", r.link.denoiser_step, r.sequence, block, s,
-                            block_index * s.steps_per_block + step)
-            r.result.stats.denoiser_evals += 1
-        r.emit(block)
-        if r.done:
+    def _ended(self, handle: Handle) -> None:
+        with self._lock:
+            responder = self.live.pop(handle, None)
+        if responder is None:
             return
-        r.extend(block)
-        block_index += 1
+        if handle.error is not None:
+            self._answers.put((responder.fail, " ".join(str(handle.error).split())))
+        elif handle.row.result.cancelled and self._stopping.is_set():
+            self._answers.put((responder.fail, "the server is shutting down; the request "
+                                               "was stopped"))
+        else:
+            self._answers.put((responder.finish, handle.row.result))
 
+    def _answer(self) -> None:
+        while True:
+            item = self._answers.get()
+            if item is None:
+                return
+            send, value = item
+            try:
+                send(value)
+            except Exception as err:  # noqa: BLE001 - a gone client; the others go on
+                LOG.debug("an answer could not be sent: %s", err)
 
-def _ar(r: _Request, prompt: list[int], mask_id: int) -> None:
-    token = r.timed("prefill_seconds", r.link.context_extend_and_sample, r.sequence, prompt,
-                    r.settings, 0)
-    r.result.stats.context_steps += 1
-    step = 0
-    while True:
-        r.emit([token])
-        if r.done:
-            return
-        step += 1
-        token = r.timed("commit_seconds", r.link.context_extend_and_sample, r.sequence,
-                        [token], r.settings, step)
-        r.result.stats.context_steps += 1
+    def _watch(self) -> None:
+        while not self._stopping.wait(WATCH_SECONDS):
+            with self._lock:
+                live = list(self.live.items())
+            for handle, responder in live:
+                try:
+                    if responder.gone():
+                        handle.cancel()
+                except Exception:  # noqa: BLE001 - cannot ask: treat the client as gone
+                    handle.cancel()
 
-
-def _mock_ar(r: _Request, prompt: list[int], mask_id: int) -> None:
-    """The denoiser as a next-token head over the caches one token back (spec §5.2)."""
-    if len(prompt) > 1:
-        r.extend(prompt[:-1], phase="prefill_seconds")
-    latest = prompt[-1]
-    r.extend([latest], keep_previous=True, phase="prefill_seconds")
-    step = 0
-    while True:
-        latest = r.timed("denoise_seconds", r.link.denoiser_mock_ar, r.sequence, latest,
-                         r.settings, step)
-        r.result.stats.denoiser_evals += 1
-        r.emit([latest])
-        if r.done:
-            return
-        r.extend([latest], keep_previous=True)
-        step += 1
+    def close(self, timeout: float) -> None:
+        """Running requests stop at their next round (their slots are freed) and get a
+        shutdown error; queued answers are sent, all within ``timeout`` seconds."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            handles = list(self.live)
+        for handle in handles:
+            handle.cancel()
+        for handle in handles:
+            handle.join(max(0.0, deadline - time.monotonic()))
+        self.session.close()
+        self._answers.put(None)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 from ..policy import MODES, GenerationError, GenerationSettings
 from ..runtime.session import RequestResult
@@ -16,7 +16,8 @@ DEFAULTS = {"mode": _SETTINGS.mode, "block_size": _SETTINGS.block_size,
             "steps_per_block": _SETTINGS.steps_per_block,
             "confidence_threshold": _SETTINGS.confidence_threshold,
             "temperature": _SETTINGS.temperature, "top_k": 0, "top_p": 1.0,
-            "seed": _SETTINGS.seed, "stream": False}
+            "seed": _SETTINGS.seed, "stream": False, "forced_commits": 0,
+            "ignore_eos": not _SETTINGS.stop_at_eos, "logprobs": -1, "echo": False}
 
 
 def _real(value: Any) -> float:
@@ -80,18 +81,22 @@ def settings_from_inputs(values: dict[str, Any], prompt_length: int, limits: Ser
             steps_per_block=int(v["steps_per_block"]),
             confidence_threshold=_real(v["confidence_threshold"]),
             temperature=_real(v["temperature"]), top_k=int(v["top_k"]) or None,
-            top_p=_real(v["top_p"]) if _real(v["top_p"]) < 1.0 else None, seed=int(v["seed"]))
+            top_p=_real(v["top_p"]) if _real(v["top_p"]) < 1.0 else None, seed=int(v["seed"]),
+            forced_commits=int(v["forced_commits"]) or None,
+            stop_at_eos=not bool(v["ignore_eos"]),
+            logprobs=None if int(v["logprobs"]) < 0 else int(v["logprobs"]),
+            echo=bool(v["echo"]))
     except GenerationError as err:
         raise RequestError(str(err)) from err
 
 
-def stats_json(result: RequestResult, boundary_bytes: Optional[int] = None) -> bytes:
-    """The ``stats`` output: what the request cost, including the bytes its tower calls moved
-    across process boundaries when it was served by the tower models."""
+def stats_json(result: RequestResult) -> bytes:
+    """The ``stats`` output: what the request cost, including its share of the bytes the
+    tower calls moved across process boundaries when it was served by the tower models."""
     s = result.stats
     return json.dumps({"denoiser_evaluations": s.denoiser_evals,
                        "tokens_per_evaluation": (len(result.tokens) / s.denoiser_evals
                                                  if s.denoiser_evals else None),
                        "context_steps": s.context_steps, "handoff_bytes": s.handoff_bytes,
-                       "boundary_bytes": boundary_bytes,
+                       "boundary_bytes": s.boundary_bytes,
                        "seconds": round(s.seconds, 4), "cancelled": result.cancelled}).encode()

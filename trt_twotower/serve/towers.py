@@ -1,14 +1,13 @@
 """The two tower models' state and steps, kept in the package so the Triton model files stay
 thin and everything here is tested without a server.
 
-Each tower keeps, per sequence, the cache it computes and nothing else: the context tower its
-cache, the denoiser tower its copy kept current by cache deltas. Only ids, small settings and
-the per-block delta leave a tower; logits never do, because the decoding policy runs where the
-logits are. A sequence lives from an explicit ``open`` until it is released (the orchestrator
-opens it when its request starts and releases it when the request ends for any reason); every
-other step needs an open sequence and its owner's token, so a stray or hostile call can neither
-start an empty cache nor touch another request's. A tower holds at most ``capacity``
-sequences, so a client that vanishes cannot exhaust its device.
+Each tower holds a pool of cache slots allocated once (``runtime.slot_towers``) and takes one
+batched call per scheduler round for every live sequence (``runtime.tower_work``). Sequences
+are named by keys the orchestrator draws at random; a tower maps each to a slot when it is
+opened and frees the slot when it is released. Every step names its sequence's key, and a key
+that is not open here for that owner is an error, never a fresh cache; a tower holds at most
+``capacity`` sequences, so a client that vanishes cannot exhaust its device. Logits never
+leave a tower: the decoding policy runs where they are computed.
 """
 
 from __future__ import annotations
@@ -21,14 +20,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .. import policy
 from ..config import TwoTowerConfig
 from ..errors import TwoTowerError
 from ..policy import GenerationSettings
-from ..runtime.cache import StepCache
-from ..runtime.cache_delta import apply_delta, pack_delta
 from ..runtime.executor import ContextExecutor, DenoiserExecutor
-from ..runtime.session import denoise_and_commit
+from ..runtime.slot_towers import ContextSlots, DenoiserSlots
+from ..runtime.tower_work import (ContextResult, ContextWork, Delta, DenoiserResult,
+                                  DenoiserWork)
 
 
 class TowerRequestError(TwoTowerError, ValueError):
@@ -78,138 +76,122 @@ def settings_from_json(text: str) -> GenerationSettings:
                                 f"fields: {reason}") from None
 
 
-class SequenceCaches:
-    """Per-sequence caches (batch 1, preallocated to ``max_context``) on one device."""
+class SlotTable:
+    """Which open sequence holds which of ``capacity`` slots, and its owner token."""
 
-    def __init__(self, config: TwoTowerConfig, max_context: int, dtype: torch.dtype,
-                 device: torch.device, capacity: int) -> None:
-        self.config, self.max_context, self.dtype, self.device = config, max_context, dtype, device
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self.caches: dict[int, StepCache] = {}
-        self.owners: dict[int, str] = {}
+        self.slots: dict[int, tuple[int, str]] = {}
+        self.free = list(range(capacity - 1, -1, -1))
         self.opened = self.released = 0
 
-    def open(self, sequence: SequenceKey) -> None:
-        """An empty cache for a new sequence; the only way one comes to exist."""
-        if sequence.id in self.caches:
+    def open(self, sequence: SequenceKey) -> int:
+        """A slot for a new sequence; the only way a sequence comes to exist."""
+        if sequence.id in self.slots:
             raise TowerRequestError(f"sequence {sequence.id} is already open; open a new one")
-        if len(self.caches) >= self.capacity:
+        if not self.free:
             raise TowerBusy(f"all {self.capacity} sequence slots are in use; retry later")
-        cache = StepCache.allocate(self.config, 1, self.max_context, self.dtype, self.device)
-        self.caches[sequence.id], self.owners[sequence.id] = cache, sequence.owner
+        slot = self.free.pop()
+        self.slots[sequence.id] = (slot, sequence.owner)
         self.opened += 1
+        return slot
 
     def owns(self, sequence: SequenceKey) -> bool:
         """Constant-time, so a caller cannot learn an owner token from response times."""
-        owner = self.owners.get(sequence.id)
-        return owner is not None and secrets.compare_digest(owner.encode(),
+        entry = self.slots.get(sequence.id)
+        return entry is not None and secrets.compare_digest(entry[1].encode(),
                                                             sequence.owner.encode())
 
-    def require(self, sequence: SequenceKey) -> StepCache:
-        """The cache of an open sequence of this owner; steps never create one silently."""
+    def slot(self, sequence: SequenceKey) -> int:
+        """The slot of an open sequence of this owner; steps never create one silently."""
         if not self.owns(sequence):
             raise UnknownSequence(f"sequence {sequence.id} is not open here for this caller: "
                                   "it was never opened, has been released, or belongs to "
                                   "another request")
-        return self.caches[sequence.id]
+        return self.slots[sequence.id][0]
 
     def release(self, sequence: SequenceKey) -> bool:
         """False when this owner holds no such sequence (another's is left alone)."""
         if not self.owns(sequence):
             return False
-        del self.caches[sequence.id], self.owners[sequence.id]
+        slot, _ = self.slots.pop(sequence.id)
+        self.free.append(slot)
         self.released += 1
         return True
 
-    def stats(self) -> dict:
-        return {"live_sequences": len(self.caches), "opened": self.opened,
-                "released": self.released, "capacity": self.capacity,
-                "cache_bytes": sum(c.nbytes() for c in self.caches.values())}
+    def stats(self, slot_bytes: int) -> dict:
+        live = len(self.slots)
+        return {"live_sequences": live, "opened": self.opened, "released": self.released,
+                "capacity": self.capacity, "cache_bytes": live * slot_bytes}
 
 
-class _Tower:
-    sequences: SequenceCaches
-
-    def open(self, sequence: SequenceKey) -> None:
-        """Start a sequence with an empty cache; every other op needs it open."""
-        self.sequences.open(sequence)
-
-    def release(self, sequence: SequenceKey) -> bool:
-        """Free a sequence's cache; False when it held none."""
-        return self.sequences.release(sequence)
-
-    def stats(self) -> dict:
-        return self.sequences.stats()
+def _slot_bytes(pool) -> int:
+    return pool.nbytes() // pool.batch
 
 
-class ContextTower(_Tower):
-    """The context tower's executor on its device and its sequences' caches."""
+class ContextTower:
+    """The context tower's executor on its device and its sequences' slots."""
 
     def __init__(self, executor: ContextExecutor, config: TwoTowerConfig, max_context: int,
                  dtype: torch.dtype, capacity: int = 64) -> None:
         self.executor = executor
-        self.sequences = SequenceCaches(config, max_context, dtype, executor.device, capacity)
+        self.table = SlotTable(capacity)
+        self.slots = ContextSlots(executor, config, capacity, max_context, dtype)
 
-    def extend(self, sequence: SequenceKey, ids: list[int]) -> np.ndarray:
-        """Consume ``ids``; returns the cache delta for the denoiser's copy."""
-        cache = self.sequences.require(sequence)
-        old = int(cache.lengths[0])
-        self.executor.context_step(torch.tensor([ids], dtype=torch.long), cache)
-        return pack_delta(cache, 0, old)
+    def round(self, work: ContextWork) -> ContextResult:
+        """Release, open, then each group's step in order; the deltas are packed right after
+        their step, so a sequence may step twice in one call."""
+        for sequence in work.released:
+            self.table.release(sequence)
+        for sequence in work.opened:
+            self.slots.empty(self.table.open(sequence))
+        tokens, scores, deltas = [], [], []
+        for group in work.groups:
+            slots = [self.table.slot(s) for s in group.rows]
+            sampled, scored, before = self.slots.extend(slots, group.ids, group.sample)
+            tokens.append(sampled)
+            scores.append(scored)
+            for sequence, slot, old, mirror, keep in zip(group.rows, slots, before,
+                                                         group.mirror, group.keep_previous):
+                if mirror:
+                    payload = self.slots.delta(slot, old)
+                    deltas.append(Delta(sequence, payload, int(payload.size), keep))
+        return ContextResult(tokens, deltas, scores=scores)
 
-    def extend_and_sample(self, sequence: SequenceKey, ids: list[int], settings: GenerationSettings,
-                          step_key: int) -> int:
-        """Consume ``ids`` and sample the next token by the policy (AR)."""
-        logits = self.executor.context_step(torch.tensor([ids], dtype=torch.long),
-                                            self.sequences.require(sequence))
-        return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]),
-                                      step_key)[0])
+    def stats(self) -> dict:
+        return self.table.stats(_slot_bytes(self.slots.pool))
 
 
-class DenoiserTower(_Tower):
+class DenoiserTower:
     """The denoiser's executor on its device and its copies of the context caches."""
 
     def __init__(self, executor: DenoiserExecutor, config: TwoTowerConfig, max_context: int,
                  dtype: torch.dtype, capacity: int = 64, fused_unmask: bool = False) -> None:
         self.executor, self.config = executor, config
-        self.fused_unmask = fused_unmask and hasattr(executor, "denoiser_unmask_step")
-        self.sequences = SequenceCaches(config, max_context, dtype, executor.device, capacity)
-        self.previous_mamba: dict[int, dict[str, torch.Tensor]] = {}
+        self.table = SlotTable(capacity)
+        self.slots = DenoiserSlots(executor, config, capacity, max_context, dtype,
+                                   fused_unmask)
 
-    def append(self, sequence: SequenceKey, delta: np.ndarray, keep_previous: bool = False) -> None:
-        """Bring a copy up to date; ``keep_previous`` first keeps its Mamba states, the "S−2"
-        view mock-AR reads after a one-token delta (spec §4.7)."""
-        cache = self.sequences.require(sequence)
-        if keep_previous:
-            self.previous_mamba[sequence.id] = cache.snapshot_mamba()
-        apply_delta(cache, 0, delta)
+    def round(self, work: DenoiserWork) -> DenoiserResult:
+        """Release, open, apply the deltas (keeping the states one token back where asked),
+        one diffusion step per group, then the mock-AR step."""
+        for sequence in work.released:
+            self.table.release(sequence)
+        for sequence in work.opened:
+            self.slots.empty(self.table.open(sequence))
+        for delta in work.deltas:
+            slot = self.table.slot(delta.row)
+            if delta.keep_previous:
+                self.slots.keep_previous(slot)
+            self.slots.apply(slot, np.asarray(delta.payload, dtype=np.uint8))
+        blocks = [self.slots.denoise([self.table.slot(s) for s in g.rows], g.blocks,
+                                     g.settings, g.step_keys, g.steps_left)
+                  for g in work.groups]
+        mock = work.mock
+        tokens = [] if mock is None else self.slots.mock_ar(
+            [self.table.slot(s) for s in mock.rows], mock.latest, mock.settings,
+            mock.step_keys)
+        return DenoiserResult(blocks, tokens)
 
-    def denoise(self, sequence: SequenceKey, block: list[int], settings: GenerationSettings,
-                step_key: int) -> list[int]:
-        """One diffusion step of a block: the next block ids."""
-        ids = torch.tensor([block], dtype=torch.long)
-        t = (ids == self.config.mask_token_id).float().mean(-1)
-        cache = self.sequences.require(sequence)
-        nxt = denoise_and_commit(self.executor, ids, t, cache, settings,
-                                 torch.tensor([settings.seed]), step_key,
-                                 self.config.mask_token_id, self.fused_unmask)
-        return nxt[0].tolist()
-
-    def mock_ar(self, sequence: SequenceKey, token: int, settings: GenerationSettings,
-                step_key: int) -> int:
-        """Mock-AR's next token from the latest token over the copy one token back."""
-        cache = self.sequences.require(sequence)
-        previous = self.previous_mamba.get(sequence.id)
-        if previous is None:
-            raise TowerRequestError(f"sequence {sequence.id} has no one-token-back state: "
-                                    "append its latest token's delta with keep_previous first")
-        view = cache.one_token_back(previous)
-        logits = self.executor.mock_ar_step(torch.tensor([[token]], dtype=torch.long), view)
-        return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]),
-                                      step_key)[0])
-
-    def release(self, sequence: SequenceKey) -> bool:
-        released = self.sequences.release(sequence)
-        if released:
-            self.previous_mamba.pop(sequence.id, None)
-        return released
+    def stats(self) -> dict:
+        return self.table.stats(_slot_bytes(self.slots.pool))

@@ -15,8 +15,11 @@ from .repository import tower_secret
 from .tower_requests import handle
 from .towers import TowerBusy, UnknownSequence
 
-INPUTS = ("op", "tower_secret", "sequence_id", "owner", "input_ids", "settings", "step_key",
-          "cache_delta", "keep_previous")
+INPUTS = ("op", "tower_secret", "open_id", "open_owner", "release_id", "release_owner",
+          "row_id", "row_owner", "group_rows", "group_width", "input_ids", "mirror", "sample",
+          "step_key", "delta_id", "delta_owner", "cache_delta", "keep_previous", "settings",
+          "steps_left", "mock_id", "mock_owner", "mock_latest", "mock_settings",
+          "mock_step_key", "target")
 
 
 def error_message(err: Exception) -> str:

@@ -1,0 +1,84 @@
+"""Both towers in this process: the in-process engine's ``TowerPair``.
+
+A row is a slot number that names it in both pools (the context tower's on its device, the
+denoiser's copy on its own), taken when the loop admits it and given back the moment it
+finishes. The pools are allocated on the first round, once. A context step's delta is copied
+into the denoiser's pool at once, tensor to tensor, never packed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..config import TwoTowerConfig
+from .executor import ContextExecutor, DenoiserExecutor
+from .slot_towers import ContextSlots, DenoiserSlots
+from .tower_work import (ContextResult, ContextWork, Delta, DenoiserResult, DenoiserWork,
+                         Ref)
+
+
+class LocalTowers:
+    def __init__(self, context: ContextExecutor, denoiser: DenoiserExecutor,
+                 config: TwoTowerConfig, capacity: int, max_context: int,
+                 dtype: torch.dtype = torch.float32, fused_unmask: bool = False) -> None:
+        self.context_executor, self.denoiser_executor = context, denoiser
+        self.config, self.capacity, self.max_context, self.dtype = (config, capacity,
+                                                                    max_context, dtype)
+        self.fused_unmask = fused_unmask and hasattr(denoiser, "denoiser_unmask_step")
+        self._slots: Optional[tuple[ContextSlots, DenoiserSlots]] = None
+        self.free = list(range(capacity - 1, -1, -1))
+
+    @property
+    def slots(self) -> tuple[ContextSlots, DenoiserSlots]:
+        if self._slots is None:
+            self._slots = (ContextSlots(self.context_executor, self.config, self.capacity,
+                                        self.max_context, self.dtype),
+                           DenoiserSlots(self.denoiser_executor, self.config, self.capacity,
+                                         self.max_context, self.dtype, self.fused_unmask))
+        return self._slots
+
+    def new_ref(self) -> Ref:
+        return self.free.pop()
+
+    def release(self, refs: list[tuple[Ref, bool]]) -> None:
+        self.free.extend(ref for ref, _ in refs)
+
+    def settle(self, idle: bool) -> None:
+        """Nothing waits: slots come back when released."""
+
+    def forget(self) -> None:
+        self.free = list(range(self.capacity - 1, -1, -1))
+
+    def context(self, work: ContextWork) -> ContextResult:
+        """Opening empties a slot in both pools; each step's delta lands in the denoiser's
+        copy before the next step (a row may step twice in one call)."""
+        context, denoiser = self.slots
+        for slot in work.opened:
+            context.empty(slot)
+            denoiser.empty(slot)
+        tokens, scores, deltas = [], [], []
+        for group in work.groups:
+            for slot, keep in zip(group.rows, group.keep_previous):
+                if keep:
+                    denoiser.keep_previous(slot)
+            sampled, scored, before = context.extend(group.rows, group.ids, group.sample)
+            tokens.append(sampled)
+            scores.append(scored)
+            for slot, mirror, old, keep in zip(group.rows, group.mirror, before,
+                                               group.keep_previous):
+                if mirror:
+                    moved = denoiser.copy_from(context.pool, slot, old)
+                    deltas.append(Delta(slot, None, moved, keep))
+        return ContextResult(tokens, deltas, scores=scores)
+
+    def denoiser(self, work: DenoiserWork) -> DenoiserResult:
+        """The deltas are in already (``context`` copied them)."""
+        _, denoiser = self.slots
+        blocks = [denoiser.denoise(g.rows, g.blocks, g.settings, g.step_keys, g.steps_left)
+                  for g in work.groups]
+        mock = work.mock
+        tokens = [] if mock is None else denoiser.mock_ar(mock.rows, mock.latest,
+                                                          mock.settings, mock.step_keys)
+        return DenoiserResult(blocks, tokens)

@@ -1,0 +1,190 @@
+"""Each tower's half of a round: its executor over a pool of cache slots allocated once, and the
+decoding policy applied where the logits are.
+
+``ContextSlots`` holds the context tower's caches; ``DenoiserSlots`` holds the denoiser's copy
+of them plus mock-AR's one-token-back Mamba states. Both take batched steps over any set of
+slots, each row with its own settings, so requests of every mode and setting share a step.
+The same two classes serve the in-process engine (``local_towers.py``) and the Triton tower
+models (``trt_twotower.serve.towers``); logits never leave them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import policy
+from ..config import TwoTowerConfig
+from ..policy import GenerationSettings, TokenScore
+from .cache import StepCache
+from .cache_delta import apply_delta, pack_delta
+from .executor import ContextExecutor, DenoiserExecutor
+from .tower_work import Sample
+
+
+def gather(cache: StepCache, slots: list[int]) -> StepCache:
+    """The rows of ``slots`` as one cache: views when they are consecutive (the executor then
+    writes the pool itself), otherwise a copy (``scatter`` writes it back)."""
+    return StepCache({n: gather_tensor(t, slots) for n, t in cache.tensors.items()},
+                     gather_tensor(cache.lengths, slots), cache.max_context)
+
+
+def gather_tensor(tensor: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    """Rows ``slots`` of a pool tensor: a view of consecutive rows, else an indexed copy."""
+    first = slots[0]
+    if slots == list(range(first, first + len(slots))):
+        return tensor[first:first + len(slots)]
+    return tensor.index_select(0, torch.tensor(slots, dtype=torch.long, device=tensor.device))
+
+
+def scatter(cache: StepCache, slots: list[int], rows: StepCache) -> None:
+    """Write rows computed on a gathered copy back into the pool (no-op for views)."""
+    if rows.lengths.data_ptr() == cache.lengths[slots[0]:].data_ptr():
+        return
+    index = torch.tensor(slots, dtype=torch.long, device=cache.device)
+    for name, tensor in cache.tensors.items():
+        tensor.index_copy_(0, index, rows.tensors[name])
+    cache.lengths.index_copy_(0, index, rows.lengths)
+
+
+def _empty(cache: StepCache, slot: int) -> None:
+    """Length 0 hides a slot's old keys and values; its Mamba states start from zero as a
+    new sequence's do."""
+    cache.lengths[slot] = 0
+    for name in cache.mamba_names():
+        cache.tensors[name][slot].zero_()
+
+
+def _sample(logits: torch.Tensor, settings: GenerationSettings, step_key: int) -> int:
+    return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]), step_key)[0])
+
+
+class ContextSlots:
+    """The context tower's caches for ``capacity`` rows on its executor's device."""
+
+    def __init__(self, executor: ContextExecutor, config: TwoTowerConfig, capacity: int,
+                 max_context: int, dtype: torch.dtype) -> None:
+        self.executor = executor
+        self.pool = StepCache.allocate(config, capacity, max_context, dtype, executor.device)
+
+    def empty(self, slot: int) -> None:
+        _empty(self.pool, slot)
+
+    def extend(self, slots: list[int], ids: torch.Tensor, sample: list[Optional[Sample]]
+               ) -> tuple[list[Optional[int]], list[Optional[TokenScore]], list[int]]:
+        """One step of ids [R, T] over ``slots``; returns each row's next token (sampled, or
+        its target; None where it asks none) with its score where its settings ask for
+        logprobs, and its length before the step (where its delta starts)."""
+        cache = gather(self.pool, slots)
+        before = cache.lengths.tolist()
+        logits = self.executor.context_step(ids, cache)
+        scatter(self.pool, slots, cache)
+        tokens, scores = [], []
+        for i, s in enumerate(sample):
+            token = None if s is None else s.target if s.target is not None else \
+                _sample(logits[i:i + 1], s.settings, s.step_key)
+            tokens.append(token)
+            wanted = s is not None and s.settings.logprobs is not None
+            scores.append(policy.score_token(logits[i], token, s.settings.logprobs)
+                          if wanted else None)
+        return tokens, scores, before
+
+    def delta(self, slot: int, old_length: int) -> np.ndarray:
+        """What the denoiser's copy of ``slot`` needs since it held ``old_length``."""
+        return pack_delta(self.pool, slot, old_length)
+
+
+class DenoiserSlots:
+    """The denoiser's copies of the context caches for ``capacity`` rows on its device, and
+    the Mamba states one token back that mock-AR reads (spec §4.7)."""
+
+    def __init__(self, executor: DenoiserExecutor, config: TwoTowerConfig, capacity: int,
+                 max_context: int, dtype: torch.dtype, fused_unmask: bool = False) -> None:
+        self.executor, self.config = executor, config
+        self.fused_unmask = fused_unmask and hasattr(executor, "denoiser_unmask_step")
+        self.pool = StepCache.allocate(config, capacity, max_context, dtype, executor.device)
+        self.previous = {n: torch.zeros_like(self.pool.tensors[n])
+                         for n in self.pool.mamba_names()}
+
+    def empty(self, slot: int) -> None:
+        _empty(self.pool, slot)
+
+    def keep_previous(self, slot: int) -> None:
+        """Keep the copy's Mamba states before a one-token delta: the "S−2" view."""
+        for name, kept in self.previous.items():
+            kept[slot] = self.pool.tensors[name][slot]
+
+    def apply(self, slot: int, delta: np.ndarray) -> None:
+        apply_delta(self.pool, slot, delta)
+
+    def copy_from(self, source: StepCache, slot: int, old_length: int) -> int:
+        """The delta without packing it, from a context pool in this process (any device);
+        returns the bytes moved."""
+        new_length, moved = int(source.lengths[slot]), 0
+        for name in source.kv_names():
+            piece = source.tensors[name][slot, :, old_length:new_length]
+            self.pool.tensors[name][slot, :, old_length:new_length] = piece.to(self.pool.device)
+            moved += piece.numel() * piece.element_size()
+        for name in source.mamba_names():
+            piece = source.tensors[name][slot]
+            self.pool.tensors[name][slot] = piece.to(self.pool.device)
+            moved += piece.numel() * piece.element_size()
+        self.pool.lengths[slot] = new_length
+        return moved
+
+    def fused(self, settings: GenerationSettings) -> bool:
+        """Greedy steps without forced commits run the fused unmask op when there is one."""
+        return self.fused_unmask and settings.temperature <= 0.0 \
+            and settings.forced_commits is None
+
+    def denoise(self, slots: list[int], blocks: torch.Tensor,
+                settings: list[GenerationSettings], step_keys: list[int],
+                steps_left: list[int]) -> torch.Tensor:
+        """One diffusion step of blocks [R, S]: the next block ids [R, S]. Rows the fused op
+        can serve take it together; the others get logits and the policy."""
+        nxt = blocks.clone()
+        fused = [i for i, s in enumerate(settings) if self.fused(s)]
+        plain = [i for i, s in enumerate(settings) if not self.fused(s)]
+        for rows, step in ((fused, self._fused_step), (plain, self._policy_step)):
+            if rows:
+                nxt[rows] = step([slots[i] for i in rows], blocks[rows],
+                                 [settings[i] for i in rows], [step_keys[i] for i in rows],
+                                 [steps_left[i] for i in rows])
+        return nxt
+
+    def _inputs(self, slots: list[int], blocks: torch.Tensor
+                ) -> tuple[torch.Tensor, StepCache]:
+        t = (blocks == self.config.mask_token_id).float().mean(-1)
+        return t, gather(self.pool, slots)
+
+    def _fused_step(self, slots, blocks, settings, step_keys, steps_left) -> torch.Tensor:
+        t, cache = self._inputs(slots, blocks)
+        gamma = torch.tensor([s.confidence_threshold for s in settings])
+        nxt, _, _ = self.executor.denoiser_unmask_step(blocks, t, cache, gamma,
+                                                       torch.tensor(steps_left))
+        return nxt.to(blocks.device)
+
+    def _policy_step(self, slots, blocks, settings, step_keys, steps_left) -> torch.Tensor:
+        t, cache = self._inputs(slots, blocks)
+        logits = self.executor.denoiser_step(blocks, t, cache)
+        mask_id = self.config.mask_token_id
+        rows = []
+        for i, s in enumerate(settings):
+            pred, conf = policy.diffusion_predictions(logits[i:i + 1], mask_id, s.temperature,
+                                                      torch.tensor([s.seed]), step_keys[i])
+            nxt, _ = policy.commit_step(blocks[i:i + 1], pred.to(blocks.device),
+                                        conf.to(blocks.device), mask_id,
+                                        s.confidence_threshold, steps_left[i],
+                                        s.forced_commits)
+            rows.append(nxt)
+        return torch.cat(rows)
+
+    def mock_ar(self, slots: list[int], latest: list[int], settings: list[GenerationSettings],
+                step_keys: list[int]) -> list[int]:
+        """Mock-AR's next tokens from each row's latest token over its copy one token back."""
+        view = gather(self.pool, slots).one_token_back(
+            {n: gather_tensor(t, slots) for n, t in self.previous.items()})
+        logits = self.executor.mock_ar_step(torch.tensor([[t] for t in latest]), view)
+        return [_sample(logits[i:i + 1], s, step_keys[i]) for i, s in enumerate(settings)]

@@ -1,0 +1,141 @@
+"""What the step loop asks of the two towers in one round, and what it gets back.
+
+A round is two calls, one per tower, whatever the number of rows: the context tower's (open the
+new rows' caches, push prompt chunks, committed blocks and sampled tokens, sample the AR rows'
+next tokens, free finished rows) and then the denoiser's (open, take the context's cache
+deltas, one diffusion step for every row mid-block, one mock-AR step, free). The loop
+(``scheduler.py``) writes this work; a tower pair carries it out — in this process
+(``local_towers.py``) or in two Triton tower models (``trt_twotower.serve``), where each call is
+one batched request and only ids, settings and cache deltas cross.
+
+Rows are named by a ``Ref`` the pair issues when it opens them (a slot number in process, a
+random sequence key in Triton); the loop never looks inside one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Optional, Protocol
+
+import torch
+
+from ..policy import GenerationSettings, TokenScore
+
+Ref = Hashable
+
+
+@dataclass(frozen=True)
+class Sample:
+    """Sample the next token from a row's logits by its settings and step key (AR); or, with
+    a ``target``, take that token (a prompt's next one). Either is scored when the settings
+    ask for logprobs."""
+    settings: GenerationSettings
+    step_key: int
+    target: Optional[int] = None
+
+
+@dataclass
+class ExtendGroup:
+    """One context step over ``rows``: ids [R, T] after each row's cached positions. A row
+    that ``mirror``s sends the denoiser the delta (``keep_previous`` first keeps the
+    denoiser copy's Mamba states: mock-AR's one-token-back view); a row with a ``Sample``
+    gets its next token."""
+    rows: list[Ref]
+    ids: torch.Tensor
+    mirror: list[bool]
+    keep_previous: list[bool]
+    sample: list[Optional[Sample]]
+
+
+@dataclass
+class Delta:
+    """A row's cache delta on its way from the context tower to the denoiser's copy: bytes
+    across processes, or the span to copy within one. ``size`` is what it moves."""
+    row: Ref
+    payload: Any
+    size: int
+    keep_previous: bool
+
+
+@dataclass
+class ContextWork:
+    opened: list[Ref] = field(default_factory=list)
+    groups: list[ExtendGroup] = field(default_factory=list)
+    released: list[Ref] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.opened or self.groups or self.released)
+
+
+@dataclass
+class ContextResult:
+    tokens: list[list[Optional[int]]]   # per group, per row: the sampled token or None
+    deltas: list[Delta]                 # in group order, for the mirroring rows
+    crossed: int = 0                    # bytes the call moved between processes
+    scores: list[list[Optional[TokenScore]]] = field(default_factory=list)  # per group, row
+
+
+@dataclass
+class DenoiseGroup:
+    """One diffusion step over rows of one block size: blocks [R, S], each row with its own
+    settings, step key (its block index × steps per block + step) and steps left."""
+    rows: list[Ref]
+    blocks: torch.Tensor
+    settings: list[GenerationSettings]
+    step_keys: list[int]
+    steps_left: list[int]
+
+
+@dataclass
+class MockGroup:
+    """One mock-AR step: each row's latest token [R] over its copy one token back."""
+    rows: list[Ref]
+    latest: list[int]
+    settings: list[GenerationSettings]
+    step_keys: list[int]
+
+
+@dataclass
+class DenoiserWork:
+    opened: list[Ref] = field(default_factory=list)
+    deltas: list[Delta] = field(default_factory=list)
+    groups: list[DenoiseGroup] = field(default_factory=list)
+    mock: Optional[MockGroup] = None
+    released: list[Ref] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.opened or self.deltas or self.groups or self.mock or self.released)
+
+
+@dataclass
+class DenoiserResult:
+    blocks: list[torch.Tensor]      # per group: the next block ids [R, S]
+    tokens: list[int]               # the mock-AR rows' next tokens
+    crossed: int = 0                # bytes the call moved between processes
+
+
+class TowerPair(Protocol):
+    """The two towers as the loop drives them. ``new_ref`` names a row before it is opened;
+    ``capacity`` rows can be open at once."""
+
+    capacity: int
+
+    def new_ref(self) -> Ref: ...
+
+    def context(self, work: ContextWork) -> ContextResult: ...
+
+    def denoiser(self, work: DenoiserWork) -> DenoiserResult: ...
+
+    def release(self, refs: list[tuple[Ref, bool]]) -> None:
+        """Free finished rows (each with whether the denoiser holds it)."""
+        ...
+
+    def settle(self, idle: bool) -> None:
+        """The end of a round: releases still waiting go now if they must."""
+        ...
+
+    def forget(self) -> None:
+        """After a failed round: free every row (what the towers still hold is gone)."""
+        ...
