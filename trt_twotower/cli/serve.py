@@ -20,6 +20,7 @@ from .resolve import one_source
 
 if TYPE_CHECKING:
     from ..serve.server import TritonServer
+    from ..serve.supervisor import Supervisor
 
 PORT = click.IntRange(0, 65535)  # 0: any free port
 
@@ -145,9 +146,11 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
                   capacity: int, bls_instances: int, cpu_threads: Optional[int],
                   work_dir: Optional[Path], openai_port: int, no_openai: bool,
                   api_key: Optional[str], served_model_name: str) -> None:
-    """Render the model repository for a model and run a real tritonserver until Ctrl-C."""
+    """Render the model repository for a model and run a real tritonserver until Ctrl-C,
+    restarting it on the same ports whenever one of its processes dies."""
     from ..serve.repository import RepositoryError, render, repository_values
     from ..serve.server import TritonServer
+    from ..serve.supervisor import Supervisor
 
     check_address(address)
     check_ports(grpc_port, http_port, metrics_port, *(() if no_openai else (openai_port,)))
@@ -165,16 +168,17 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
         server = started(TritonServer(repo, work, address, grpc_port, http_port, metrics_port))
         click.echo(f"tritonserver ready: gRPC {server.grpc_url}, HTTP {address}:"
                    f"{server.http_port} (model 'ensemble'; log {server.log}). Ctrl-C stops it.")
+        supervisor = Supervisor(server, report=lambda line: click.echo(line, err=True)).start()
         openai = None
         try:
             if not no_openai:
                 openai = _start_openai(server, address, openai_port, tokenizer_dir,
                                        served_model_name, api_key, capacity)
-            serve_until_signal(server)
+            serve_until_signal(supervisor)
         finally:
             if openai is not None:
                 openai.stop()
-            code = server.stop()
+            code = supervisor.stop()
     click.echo(f"stopping… exit code {code}")
 
 
@@ -227,18 +231,17 @@ def started(server: TritonServer) -> TritonServer:
                                    "it was stopped too") from None
 
 
-def serve_until_signal(server: TritonServer) -> None:
-    """Serve until a stop signal (a normal end) or until the server dies (an error with the
-    cause from its log)."""
-    from ..serve.server import Interrupted, log_cause
+def serve_until_signal(supervisor: Supervisor) -> None:
+    """Serve until a stop signal (a normal end) or until the supervisor gives up restarting
+    a server that keeps dying (an error saying why)."""
+    from ..serve.server import Interrupted
 
     try:
-        while server.process.poll() is None:
-            time.sleep(1.0)
+        while supervisor.running():
+            time.sleep(0.5)
     except Interrupted:
         return
-    raise click.ClickException(f"tritonserver exited ({server.process.returncode}): "
-                               f"{log_cause(server.log)}")
+    raise click.ClickException(supervisor.failure or "the tritonserver supervisor stopped")
 
 
 @click.command("client")

@@ -3,7 +3,9 @@ model repository, bound to 127.0.0.1 by default.
 
 The server runs in a process group of its own with its Python backend stubs, so that stopping it
 (on any signal, exception or interpreter exit) takes the whole group down and leaves no orphan
-holding the ports or a ``/dev/shm`` region."""
+holding the ports. Each start draws its own prefix for the stubs' ``/dev/shm`` regions, so that
+servers running side by side never share a region name, and a stop unlinks every region with
+that prefix, including those of stubs that were killed (a killed stub never unlinks its own)."""
 
 from __future__ import annotations
 
@@ -24,12 +26,18 @@ from typing import Iterable, Optional
 
 from ..errors import TwoTowerError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
-STUB_REGION = re.compile(r"/dev/shm/(triton_python_backend_shm_region_[\w-]+)")
+# Where ``import trt_twotower`` resolves from: the checkout's root, or site-packages when the
+# package is installed. The Python stubs get it on their path.
+IMPORT_ROOT = Path(__file__).resolve().parents[2]
+SHM = Path("/dev/shm")
+STUB_BINARY = "triton_python_backend_stub"
 # glog lines: E1130 08:05:05.169586 14726 model_lifecycle.cc:642] "failed to load 'x' ..."
 LOG_ERROR = re.compile(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "(.*)"$')
 LOG_LAST_WORDS = re.compile(r"^error: (.*)$")
+NOT_A_CAUSE = "CudaDriverHelper has not been initialized."  # every start logs it without a GPU
 EXIT_TIMEOUT_S = 5  # how long tritonserver itself waits for in-flight work when told to stop
+STOP_GRACE_S = EXIT_TIMEOUT_S + 3  # then the whole group is killed: a stop takes < 10 s
+GONE_WAIT_S = 5.0  # how long a killed group may take to exit (and free its devices' memory)
 
 
 RESTRICTED_APIS = "model-config,logging,shared-memory,trace"
@@ -108,7 +116,7 @@ def log_cause(log: Path) -> str:
     """The first error tritonserver logged (a model's load failure names the real cause, e.g. a
     bad checkpoint), cut to one line; else its last words; else a pointer to the log."""
     lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
-    errors = [m.group(1) for m in map(LOG_ERROR.match, lines) if m]
+    errors = [m.group(1) for m in map(LOG_ERROR.match, lines) if m and m.group(1) != NOT_A_CAUSE]
     loads = [e for e in errors if e.startswith("failed to load")]
     last_words = [m.group(1) for m in map(LOG_LAST_WORDS.match, lines) if m]
     cause = (loads or errors or last_words or [""])[0]
@@ -116,14 +124,59 @@ def log_cause(log: Path) -> str:
     return f"{cause} (log: {log})" if cause else f"see {log}"
 
 
-def stub_regions(pid: int) -> set[str]:
-    """The /dev/shm regions the server has mapped: one per Python stub, named by a UUID that
-    only the server's maps and the stubs' command lines show. A stub killed or left behind
-    never unlinks its region, so these are collected while the server is alive."""
+def exit_cause(process: subprocess.Popen, log: Path) -> str:
+    """Why tritonserver ended, in words: the signal that killed it, or its code and the cause
+    from its log."""
+    if process.returncode < 0:
+        return f"tritonserver was killed by {signal.Signals(-process.returncode).name}"
+    return f"tritonserver exited with code {process.returncode}: {log_cause(log)}"
+
+
+def shm_prefix() -> str:
+    """A name prefix for one server start's /dev/shm regions (the Python backend's
+    ``shm-region-prefix-name``), drawn at random so that concurrent servers never collide."""
+    return f"trt_twotower_{secrets.token_hex(8)}_"
+
+
+def process_state(pid: int) -> Optional[tuple[str, int, int]]:
+    """(state, parent pid, process group) from /proc, or None for a process that is gone."""
     try:
-        return set(STUB_REGION.findall(Path(f"/proc/{pid}/maps").read_text()))
-    except OSError:
-        return set()
+        state, parent, group = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:3]
+    except (OSError, IndexError):
+        return None
+    return state, int(parent), int(group)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a killed stub stays a zombie until its parent reaps it)."""
+    state = process_state(pid)
+    return state is not None and state[0] not in ("Z", "X")
+
+
+def stub_processes(server_pid: int) -> dict[int, str]:
+    """The server's running Python backend stubs, pid → model name (a stub's command line
+    names its model's ``model.py``: ``<repository>/<model>/<version>/model.py``)."""
+    stubs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        state = process_state(int(entry.name))
+        if state is None or state[1] != server_pid or state[0] in ("Z", "X"):
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(STUB_BINARY.encode()) and len(argv) > 1:
+            stubs[int(entry.name)] = Path(argv[1].decode(errors="replace")).parent.parent.name
+    return stubs
+
+
+def group_running(pgid: int) -> bool:
+    """Whether any process of the group is alive and not a zombie."""
+    return any(state is not None and state[2] == pgid and state[0] not in ("Z", "X")
+               for state in (process_state(int(e.name)) for e in Path("/proc").iterdir()
+                             if e.name.isdigit()))
 
 
 def signal_group(pgid: int, sig: int) -> None:
@@ -146,7 +199,9 @@ class TritonServer:
     http_port: int = 0
     metrics_port: int = 0
     process: Optional[subprocess.Popen] = None
-    regions: set[str] = field(default_factory=set)
+    shm_prefix: str = ""
+    stubs: dict[int, str] = field(default_factory=dict)
+    launches: int = 0
 
     @property
     def grpc_url(self) -> str:
@@ -159,6 +214,11 @@ class TritonServer:
     def start(self, timeout: float = 180.0) -> "TritonServer":
         """Launch and wait until ready. Any failure or interruption on the way stops what was
         launched before it propagates, so a failed start leaves no process behind."""
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process on this server's ports (free ones the first time, when 0)."""
         self.grpc_port = self.grpc_port or free_port()
         self.http_port = self.http_port or free_port()
         self.metrics_port = self.metrics_port or free_port()
@@ -166,21 +226,45 @@ class TritonServer:
         check_ports_free(self.address, (self.grpc_port, self.http_port))
         try:
             self._launch()
+        except BaseException:
+            self.stop(graceful=False)
+            raise
+
+    def wait_ready(self, timeout: float) -> "TritonServer":
+        """Wait until the launched server is ready and note its stubs, the processes whose
+        death is a fault (``supervisor.py``)."""
+        try:
             self._wait_ready(timeout)
         except BaseException:
-            self.stop()
+            self.stop(graceful=False)
             raise
-        self.regions |= stub_regions(self.process.pid)
+        self.stubs = stub_processes(self.process.pid)
         return self
+
+    def regions(self) -> list[str]:
+        """This start's /dev/shm regions (each stub's, and any the backend made)."""
+        if not self.shm_prefix:
+            return []
+        return sorted(p.name for p in SHM.glob(f"*{self.shm_prefix}*"))
+
+    def dead_stubs(self) -> dict[int, str]:
+        """The stubs noted at start that are no longer running, pid → model."""
+        return {pid: model for pid, model in self.stubs.items() if not running(pid)}
 
     def _launch(self) -> None:
         home = triton_home()
         binary = home / "bin" / "tritonserver"
         backends = prepare_backends(self.work_dir)
+        if self.log.exists():  # a restart: the log of the run before stays beside the new one
+            self.log.replace(self.log.with_name(f"tritonserver.{self.launches}.log"))
+        self.launches += 1
+        self.shm_prefix, self.stubs = shm_prefix(), {}
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(PROJECT_ROOT), sysconfig.get_paths()["purelib"], env.get("PYTHONPATH", "")])
+        # No empty entry: one would put each stub's working directory on its path.
+        paths = [str(IMPORT_ROOT), sysconfig.get_paths()["purelib"],
+                 *env.get("PYTHONPATH", "").split(os.pathsep)]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
         # The stub and server link against the CUDA runtime bundled in nvidia_pytriton.libs.
         env["LD_LIBRARY_PATH"] = os.pathsep.join([str(home.parent.parent / "nvidia_pytriton.libs"),
                                                   env.get("LD_LIBRARY_PATH", "")])
@@ -191,7 +275,9 @@ class TritonServer:
                  f"--grpc-port={self.grpc_port}", f"--http-address={self.address}",
                  f"--http-port={self.http_port}", f"--metrics-port={self.metrics_port}",
                  "--allow-metrics=false", "--log-verbose=0", "--exit-on-error=true",
-                 f"--exit-timeout-secs={EXIT_TIMEOUT_S}", *restricted_admin()],
+                 f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+                 f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                 *restricted_admin()],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         atexit.register(self.stop)
 
@@ -204,8 +290,7 @@ class TritonServer:
         client = grpcclient.InferenceServerClient(self.grpc_url)
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise ServerError(f"tritonserver exited with code {self.process.returncode}: "
-                                  f"{log_cause(self.log)}")
+                raise ServerError(exit_cause(self.process, self.log))
             try:
                 if self._listening() and client.is_server_ready():
                     return
@@ -220,13 +305,16 @@ class TritonServer:
                              re.MULTILINE)
         return bool(started.search(self.log.read_text(errors="replace")))
 
-    def stop(self, timeout: float = EXIT_TIMEOUT_S + 5.0) -> Optional[int]:
-        """SIGTERM the server, wait a bounded time, then SIGKILL its whole group (stubs
-        included) and unlink the stubs' /dev/shm regions; returns the server's exit code."""
+    def stop(self, graceful: bool = True, timeout: float = STOP_GRACE_S) -> Optional[int]:
+        """Stop the server and return its exit code. Gracefully (SIGTERM, in-flight work gets
+        ``EXIT_TIMEOUT_S``) only once it was ready and while all its stubs run: a server with a
+        dead stub cannot unload that model cleanly and would spend the whole timeout trying,
+        and one still loading has nothing to finish. Then SIGKILL the whole group (stubs
+        included), wait for it to exit and unlink this start's /dev/shm regions. Safe at any
+        point, more than once, and from two threads."""
         if self.process is None:
             return None
-        self.regions |= stub_regions(self.process.pid)
-        if self.process.poll() is None:
+        if graceful and self.process.poll() is None and self.stubs and not self.dead_stubs():
             self.process.terminate()
             try:
                 self.process.wait(timeout)
@@ -234,11 +322,10 @@ class TritonServer:
                 pass
         signal_group(self.process.pid, signal.SIGKILL)
         code = self.process.wait()
-        self._unlink_regions()
+        deadline = time.monotonic() + GONE_WAIT_S
+        while group_running(self.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for name in self.regions():
+            (SHM / name).unlink(missing_ok=True)
         atexit.unregister(self.stop)  # last: a stop cut short by a signal runs again at exit
         return code
-
-    def _unlink_regions(self) -> None:
-        for name in self.regions:
-            Path("/dev/shm", name).unlink(missing_ok=True)
-        self.regions.clear()
