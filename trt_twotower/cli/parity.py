@@ -14,7 +14,7 @@ from ..policy import GenerationSettings
 from ..runtime.parity import (DEFAULT_TOLERANCE, REDUCED_BATCH, Backend, compare_generation,
                               compare_generation_reduced, compare_steps, compare_steps_fp8,
                               compare_steps_reduced, format_reduced_table, format_table)
-from .options import token_budget_option
+from .options import SEED, Device, PositiveNumber, token_budget_option
 
 
 def _reference_source(build_dir: Path) -> tuple[str, int, Optional[str]]:
@@ -87,22 +87,22 @@ def _judge_reduced(same_dtype: Backend, ref: Backend, cand: Backend, config: Two
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
               show_default=True, help="What runs the graphs: ONNX Runtime (CPU) or the TensorRT "
                                       "engines of `trt-twotower build` (GPU).")
-@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True,
+@click.option("--tolerance", type=PositiveNumber(), default=DEFAULT_TOLERANCE, show_default=True,
               help="fp32 builds: largest allowed max|a-b|/max|b| of a step's logits. bf16/fp16 "
                    "builds are held to the reference's own drift instead "
                    "(docs/parity-criterion.md).")
-@click.option("--block-size", type=int, default=16, show_default=True)
+@click.option("--block-size", type=click.IntRange(1, 2**31 - 1), default=16, show_default=True)
 @token_budget_option(32, "Tokens per generation compared in each mode.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
-@click.option("--context-device", default="cuda:0", show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--context-device", type=Device(),
               help="tensorrt backend: the context engine's GPU (and, for bf16/fp16 engines, the "
-                   "reference's context tower in that dtype).")
-@click.option("--denoiser-device", default="cuda:1", show_default=True,
+                   "reference's context tower in that dtype) [default: cuda:0].")
+@click.option("--denoiser-device", type=Device(),
               help="tensorrt backend: the denoiser engine's GPU (and, for bf16/fp16 engines, "
-                   "the reference's denoiser in that dtype).")
+                   "the reference's denoiser in that dtype) [default: cuda:1].")
 def parity_command(build_dir: Path, backend: str, tolerance: float, block_size: int,
-                   max_new_tokens: int, seed: int, context_device: str,
-                   denoiser_device: str) -> None:
+                   max_new_tokens: int, seed: int, context_device: Optional[str],
+                   denoiser_device: Optional[str]) -> None:
     """Run the reference and BUILD_DIR's graphs side by side: every step type (prefill,
     decode, block commit, denoiser at several timesteps and prefix lengths, mock-AR, fused
     unmask) and greedy generation in all three modes. Prints a table; exits 1 on failure.
@@ -117,6 +117,10 @@ def parity_command(build_dir: Path, backend: str, tolerance: float, block_size: 
     from ..runtime import backends
     from ..runtime.executor import BackendUnavailable
 
+    if backend == "onnxruntime" and (context_device or denoiser_device):
+        raise click.UsageError("--context-device and --denoiser-device place TensorRT "
+                               "engines: give them with --backend tensorrt")
+    context_device, denoiser_device = context_device or "cuda:0", denoiser_device or "cuda:1"
     try:
         source, max_batch, quantization = _reference_source(build_dir)
         candidate = (backends.open_onnxruntime(build_dir) if backend == "onnxruntime" else
