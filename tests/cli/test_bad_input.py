@@ -205,6 +205,8 @@ CASES: list[tuple[str, int, str]] = [
     ("bench --serve --clients 0", 2, "out of range"),
     ("bench --max-new-tokens 2147483632 --prompt-length 8 -o {tmp}/bench", 2, "exceed the"),
     # serve: bad options only; none of these may start a server
+    ("serve --prefill-tokens 0", 2, "not in the range"),
+    ("serve --max-waiting -3", 2, "not in the range"),
     ("serve --work-dir /proc/nope", 2, "cannot create /proc/nope"),
     ("serve --work-dir {file}/sub", 2, "cannot create"),
     ("serve --max-tokens -1", 2, "--max-tokens"),

@@ -5,6 +5,7 @@ import http.client
 import importlib.util
 import json
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -205,6 +206,9 @@ def test_an_unreachable_server_is_503_with_retry_after():
             _complete(OpenAI(base_url=f"{handle.url}/v1", api_key="x", max_retries=0))
         assert caught.value.status_code == 503
         assert caught.value.response.headers["retry-after"]
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"{handle.url}/health", timeout=10)
+        assert health.value.code == 503 and "not ready" in health.value.read().decode()
     finally:
         handle.stop()
 

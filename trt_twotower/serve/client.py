@@ -241,6 +241,21 @@ def generate(url: str, prompt: str, settings: GenerationSettings, stream: bool =
     return out
 
 
+def server_ready(url: str, timeout: float = 2.0) -> bool:
+    """Whether the server at ``url`` answers ready within ``timeout`` (False when it answers
+    nothing: stopped, starting or restarting)."""
+    import tritonclient.grpc as grpcclient
+
+    try:
+        client = grpcclient.InferenceServerClient(url)
+        try:
+            return bool(client.is_server_ready(client_timeout=timeout))
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - unreachable, refused, timed out: all mean not ready
+        return False
+
+
 def tower_stats(url: str, timeout: float = 30.0) -> dict[str, dict]:
     """Each tower model's sequences: live, opened, released, cache bytes held."""
     import tritonclient.grpc as grpcclient

@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from ..errors import TwoTowerError
 from ..policy import GenerationError, GenerationSettings, blocks_needed
 from ..tokenizer import TwoTowerTokenizer
-from .client import ClientError, stream_generate
+from .client import ClientError, server_ready, stream_generate
 from .openai_logprobs import logprobs_object
 
 RETRY_AFTER_S = 1
@@ -40,6 +40,7 @@ START_TIMEOUT_S = 30.0
 TRITON_PREFIX = re.compile(r"^in ensemble '[^']*', ")  # where it failed, not what
 SETTINGS = ("logprobs", "max_tokens", "block_size", "steps_per_block", "confidence_threshold",
             "temperature", "top_p", "mode")
+HEALTH_TIMEOUT_S = 2.0
 CLIENT_CLOSED = 499  # the status nginx logs for a client that left before its answer
 
 
@@ -401,6 +402,10 @@ def create_app(grpc_url: str, model_name: str, tokenizer: TwoTowerTokenizer,
 
     @app.get("/health")
     async def health() -> dict:
+        """200 only while Triton answers ready, so a load balancer stops sending requests
+        while `serve` restarts a server one of whose processes died."""
+        if not await anyio.to_thread.run_sync(server_ready, grpc_url, HEALTH_TIMEOUT_S):
+            raise _unavailable("the Triton server is not ready (starting or recovering)")
         return {"status": "ok"}
 
     @app.get("/metrics")

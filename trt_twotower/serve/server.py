@@ -35,8 +35,11 @@ STUB_BINARY = "triton_python_backend_stub"
 LOG_ERROR = re.compile(r'^E\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] "(.*)"$')
 LOG_LAST_WORDS = re.compile(r"^error: (.*)$")
 NOT_A_CAUSE = "CudaDriverHelper has not been initialized."  # every start logs it without a GPU
-EXIT_TIMEOUT_S = 5  # how long tritonserver itself waits for in-flight work when told to stop
-STOP_GRACE_S = EXIT_TIMEOUT_S + 3  # then the whole group is killed: a stop takes < 10 s
+# How long tritonserver itself waits for in-flight work and its models' unloading when told to
+# stop: each Python stub takes 1-4 s to unload, idle, on a loaded 2-core machine (5 s left
+# some still loaded, and tritonserver then exits 1); an idle server stops in ~3 s either way.
+EXIT_TIMEOUT_S = 15
+STOP_GRACE_S = EXIT_TIMEOUT_S + 3  # then the whole group is killed
 GONE_WAIT_S = 5.0  # how long a killed group may take to exit (and free its devices' memory)
 
 
