@@ -79,7 +79,12 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
 @click.option("--clients", type=COUNTS, default="1,4,16,64", show_default=True,
               help="--serve, --load: numbers of concurrent clients.")
 @click.option("--rates", type=NumberList(float, 1e-3, 1e6), default="4,16", show_default=True,
-              help="--load: Poisson arrival rates (requests/s).")
+              help="--load, --serve: Poisson arrival rates (requests/s).")
+@click.option("--cpu-threads", type=click.IntRange(min=1),
+              help="--load, --serve: PyTorch threads of the in-process engine and of each "
+                   "Triton tower, the same for both so that the paths compare like with like "
+                   "[default with --serve: the cores split between the two towers, as `serve` "
+                   "does; otherwise PyTorch's default].")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True,
               help="Folder for bench.csv and bench.png.")
@@ -89,7 +94,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
                   batch_sizes: tuple[int, ...], forced_commits: tuple[int, ...],
                   max_new_tokens: int, prompt_length: int, device: str, dtype: str, seed: int,
                   serve: bool, load: bool, clients: tuple[int, ...],
-                  rates: tuple[float, ...], out: Path) -> None:
+                  rates: tuple[float, ...], cpu_threads: Optional[int], out: Path) -> None:
     """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
     block size, steps per block and batch size; distinct MoE experts per denoiser step
     (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png.
@@ -112,7 +117,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
         return _load_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
                            list(clients), list(rates), prompt_length, max_new_tokens,
                            thresholds[0], forced_commits[0] if forced_commits else 4, seed,
-                           serve, out)
+                           serve, cpu_threads, out)
     batches = list(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -134,10 +139,16 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
 def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
                 build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
                 rates: list[float], prompt_length: int, max_new_tokens: int, gamma: float,
-                forced: int, seed: int, serve: bool, out: Path) -> None:
+                forced: int, seed: int, serve: bool, cpu_threads: Optional[int],
+                out: Path) -> None:
     """Each case on its own warmed engine, every load in turn (runtime/load_benchmark.py);
-    with ``serve`` each load also through one Triton server that serves every case."""
+    with ``serve`` each load also through one Triton server that serves every case, its
+    towers with as many PyTorch threads as the in-process engine."""
     import csv
+
+    import torch
+
+    from ..serve.repository import tower_threads
 
     from ..runtime.load_benchmark import SessionTarget, format_load, plot_load, run_load
     from ..runtime.scheduler import SchedulerLimits
@@ -152,6 +163,10 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
                  stop_at_eos=False)),
              ("AR", GenerationSettings(mode="ar", max_new_tokens=max_new_tokens, seed=seed,
                                        stop_at_eos=False))]
+    if serve and cpu_threads is None:
+        cpu_threads = tower_threads("cpu", "cpu", None)
+    if cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch, \
             contextlib.ExitStack() as stack:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -173,7 +188,7 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
         if serve:
             targets.append(stack.enter_context(_served(
                 checkpoint, preset_name, build_dir, backend, dtype, max_context, max_new_tokens,
-                max(clients), Path(scratch))))
+                max(clients), cpu_threads, Path(scratch))))
         rows = run_load(targets, prompts, cases, clients, rates, requests_per_client=2,
                         poisson_requests=2 * max(clients),
                         progress=lambda row: click.echo(
@@ -193,7 +208,7 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
 @contextlib.contextmanager
 def _served(checkpoint: Optional[Path], preset_name: Optional[str],
             build_dir: Optional[Path], backend: str, dtype: str, max_context: int,
-            max_new_tokens: int, capacity: int, scratch: Path):
+            max_new_tokens: int, capacity: int, cpu_threads: int, scratch: Path):
     """A tritonserver for the same model on the CPU; yields a factory of its load target."""
     from ..serve.load_target import TritonTarget
     from ..serve.repository import render, repository_values
@@ -203,7 +218,8 @@ def _served(checkpoint: Optional[Path], preset_name: Optional[str],
     source, tokenizer_dir = served_source(build_dir, checkpoint, preset_name, backend)
     repo = render(scratch / "repo", repository_values(
         source, backend, tokenizer_dir, "cpu", "cpu", max_context, max_new_tokens,
-        str(GenerationSettings().block_size), capacity=capacity, dtype=dtype))
+        str(GenerationSettings().block_size), capacity=capacity, dtype=dtype,
+        cpu_threads=cpu_threads))
     try:
         server = TritonServer(repo, scratch).start()
     except ServerError as err:
