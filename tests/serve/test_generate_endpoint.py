@@ -3,10 +3,8 @@ requests that send only the inputs they care about, every other setting defaulti
 `trt-twotower generate`'s (GenerationSettings)."""
 
 import http.client
-import importlib.util
 import json
 import queue
-import sys
 
 import numpy as np
 import pytest
@@ -96,19 +94,6 @@ def test_a_grpc_request_with_only_text_input_gets_the_default_generation(server)
     assert result.as_numpy("text_output")[0].decode() == expected.text
 
 
-def _ensemble_model():
-    """triton_repo/ensemble/1/model.py, importable outside a stub (its Triton utils module is
-    plain Python; the calls the stub adds are not needed here)."""
-    from trt_twotower.serve.repository import TEMPLATES
-    from trt_twotower.serve.server import triton_home
-    sys.path.insert(0, str(triton_home() / "backends" / "python"))
-    spec = importlib.util.spec_from_file_location("ensemble_model",
-                                                  TEMPLATES / "ensemble" / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("argv,url", [
     (["tritonserver", "--grpc-address=127.0.0.1", "--grpc-port=8123"], "127.0.0.1:8123"),
     (["tritonserver", "--grpc-port", "9001"], "127.0.0.1:9001"),
@@ -117,9 +102,11 @@ def _ensemble_model():
     (["tritonserver", "--grpc-address=10.1.2.3", "--grpc-port=5"], "10.1.2.3:5"),
 ])
 def test_the_ensemble_finds_its_servers_grpc_endpoint(argv, url):
-    assert _ensemble_model().server_grpc_url(argv) == url
+    from trt_twotower.serve.hosting import server_grpc_url
+    assert server_grpc_url(argv) == url
 
 
 def test_the_ensemble_refuses_to_load_without_grpc():
+    from trt_twotower.serve.hosting import server_grpc_url
     with pytest.raises(RuntimeError, match="gRPC enabled"):
-        _ensemble_model().server_grpc_url(["tritonserver", "--allow-grpc=false"])
+        server_grpc_url(["tritonserver", "--allow-grpc=false"])

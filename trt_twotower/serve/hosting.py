@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Union
 
 from ..config import TwoTowerConfig
+from ..errors import TwoTowerError
 from ..reference.loading import TOWER_GROUPS
 from ..runtime import backends
 from .towers import ContextTower, DenoiserTower
@@ -67,3 +68,30 @@ def source_config(source: str, backend: str) -> TwoTowerConfig:
     directory = builtin_checkpoint() if source == "builtin" else Path(source)
     return preset(BUILTIN_PRESET) if directory is None else \
         TwoTowerConfig.load(directory / "config.json")
+
+
+class HostingError(TwoTowerError, RuntimeError):
+    """A model cannot be hosted as the server was started."""
+
+
+WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+def server_grpc_url(argv: list[str]) -> str:
+    """The gRPC endpoint of the tritonserver whose command line is ``argv``, as a client on
+    this machine reaches it (a wildcard address becomes loopback)."""
+    flags, pending = {}, None
+    for arg in argv:
+        if pending is not None:
+            flags[pending], pending = arg, None
+        elif arg.startswith(("--grpc-", "--allow-grpc")):
+            name, sep, value = arg.partition("=")
+            flags[name] = value
+            pending = None if sep else name
+    if flags.get("--allow-grpc", "true").lower() in ("false", "0", "off", "no"):
+        raise HostingError("the ensemble model streams from twotower_bls over gRPC: start "
+                           "tritonserver with gRPC enabled")
+    address = flags.get("--grpc-address", "0.0.0.0")
+    address = WILDCARDS.get(address, address)
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{flags.get('--grpc-port', '8001')}"

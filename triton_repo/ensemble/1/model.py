@@ -18,33 +18,14 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from trt_twotower.serve.hosting import server_grpc_url
+
 ORCHESTRATOR = "twotower_bls"
 SETTINGS = ("max_tokens", "stream", "temperature", "top_k", "top_p", "mode", "block_size",
             "steps_per_block", "confidence_threshold", "seed")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_SECONDS = 0.1  # how often a request waiting for a block looks for its cancellation
 SHUTDOWN_SECONDS = 20.0
-WILDCARDS = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-
-
-def server_grpc_url(argv):
-    """The gRPC endpoint of the tritonserver whose command line is ``argv``, as a client on
-    this machine reaches it (a wildcard address becomes loopback)."""
-    flags, pending = {}, None
-    for arg in argv:
-        if pending is not None:
-            flags[pending], pending = arg, None
-        elif arg.startswith(("--grpc-", "--allow-grpc")):
-            name, sep, value = arg.partition("=")
-            flags[name] = value
-            pending = None if sep else name
-    if flags.get("--allow-grpc", "true").lower() in ("false", "0", "off", "no"):
-        raise RuntimeError("the ensemble model streams from twotower_bls over gRPC: start "
-                           "tritonserver with gRPC enabled")
-    address = flags.get("--grpc-address", "0.0.0.0")
-    address = WILDCARDS.get(address, address)
-    host = f"[{address}]" if ":" in address else address
-    return f"{host}:{flags.get('--grpc-port', '8001')}"
 
 
 def _parent_argv():
