@@ -125,7 +125,6 @@ def test_a_stop_list_cuts_at_the_first_stop_streaming_or_not(client, reference):
     ({"n": 2}, "n"),
     ({"logprobs": 6}, "logprobs"),
     ({"logprobs": 1, "extra_body": {"mode": "diffusion"}}, "logprobs"),
-    ({"logprobs": 1, "stream": True}, "logprobs"),
     ({"top_p": 1.5}, "top_p"),
     ({"extra_body": {"mode": "beam"}}, "mode"),
     ({"extra_body": {"block_size": 4}}, "block_size"),  # the server refuses it
@@ -164,6 +163,23 @@ def test_logprobs_with_echo_score_prompt_and_completion_as_the_model_does(client
         assert len(lp.top_logprobs[j]) <= 2
         assert max(lp.top_logprobs[j].values()) == pytest.approx(float(logp[j - 1].max()),
                                                                  abs=1e-4)
+
+
+def test_streamed_logprobs_join_to_the_whole_answers(client):
+    whole = _complete(client, logprobs=2, echo=True, max_tokens=12).choices[0]
+    chunks = [c.choices[0] for c in _complete(client, logprobs=2, echo=True, max_tokens=12,
+                                               stream=True) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text
+    joined = {key: [x for c in chunks if c.logprobs for x in getattr(c.logprobs, key)]
+              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    for key, values in joined.items():
+        assert values == getattr(whole.logprobs, key), key
+    streamed = ""
+    for chunk in chunks:  # a chunk never scores a token whose text it has not yet sent
+        streamed += chunk.text
+        if chunk.logprobs and chunk.logprobs.tokens:
+            last = chunk.logprobs.text_offset[-1] + len(chunk.logprobs.tokens[-1])
+            assert last <= len(streamed)
 
 
 def test_echo_alone_prepends_the_prompt_and_logprobs_alone_cover_the_completion(client):

@@ -118,9 +118,6 @@ def _unsupported(request: CompletionRequest) -> None:
     if request.n != 1:
         raise APIError(400, f"n={request.n}: one choice per request is served (n=1)",
                        param="n")
-    if request.logprobs is not None and request.stream:
-        raise APIError(400, "logprobs are answered by non-streaming requests: send "
-                            "stream: false", param="logprobs")
 
 
 def _prompt_ids(prompt: Union[str, list], tokenizer: TwoTowerTokenizer) -> list[int]:
@@ -343,6 +340,20 @@ class Job:
         return logprobs_object(tokenizer, self.prompt_ids, self.cutter.ids[:kept],
                                self.prompt_scores if self.echo else None, self.scores[:kept])
 
+    def logprobs_since(self, tokenizer: TwoTowerTokenizer, sent: int, final: bool
+                       ) -> tuple[Optional[dict], int]:
+        """A stream chunk's logprobs: the entries after the first ``sent`` whose token's text
+        has been streamed in full (all that are left once ``final``); and the new count."""
+        whole = self.logprobs(tokenizer)
+        if whole is None:
+            return None, sent
+        streamed = len(tokenizer.decode(self.prompt_ids)) + self.cutter.sent
+        end = len(whole["tokens"])
+        if not final:
+            ends = [at + len(text) for at, text in zip(whole["text_offset"], whole["tokens"])]
+            end = sum(1 for e in ends if e <= streamed)
+        return {key: values[sent:end] for key, values in whole.items()}, max(sent, end)
+
     def envelope(self, choices: list[dict], **extra: Any) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, **extra}
@@ -434,7 +445,7 @@ def create_app(grpc_url: str, model_name: str, tokenizer: TwoTowerTokenizer,
             raise
         first = job.echoed(tokenizer) + (first or "")
         if body.stream:
-            return StreamingResponse(_stream(job, pieces, first, metrics),
+            return StreamingResponse(_stream(job, pieces, first, metrics, tokenizer),
                                      media_type="text/event-stream")
         return JSONResponse(await _whole(job, pieces, first, metrics, tokenizer))
 
@@ -475,17 +486,20 @@ async def _whole(job: Job, pieces: Iterator[str], first: Optional[str],
 
 
 async def _stream(job: Job, pieces: Iterator[str], first: Optional[str],
-                  metrics: Metrics) -> AsyncIterator[str]:
+                  metrics: Metrics, tokenizer: TwoTowerTokenizer) -> AsyncIterator[str]:
     """Server-sent events: a chunk per non-empty piece, the finish reason, the usage when
     asked, then [DONE]. A disconnect cancels this generator, which cancels the request."""
     usage_field = {"usage": None} if job.wants_usage else {}
-    piece = first
+    piece, scored = first, 0
     try:
         while piece is not None:
             if piece:
-                yield _sse(job.envelope([job.choice(piece, None)], **usage_field))
+                logprobs, scored = job.logprobs_since(tokenizer, scored, final=False)
+                yield _sse(job.envelope([job.choice(piece, None, logprobs)], **usage_field))
             piece = await _next_piece(pieces)
-        yield _sse(job.envelope([job.choice("", job.cutter.finish_reason)], **usage_field))
+        logprobs, scored = job.logprobs_since(tokenizer, scored, final=True)
+        yield _sse(job.envelope([job.choice("", job.cutter.finish_reason, logprobs)],
+                                **usage_field))
         if job.wants_usage:
             yield _sse(job.envelope([], usage=job.usage()))
         metrics.finished(200, job.usage())
