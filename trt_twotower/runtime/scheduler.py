@@ -28,8 +28,8 @@ from .. import policy
 from ..config import TwoTowerConfig
 from ..policy import GenerationError, GenerationSettings, TokenScore
 from .cache import CacheFullError
-from .tower_work import (ContextWork, DenoiseGroup, DenoiserWork, ExtendGroup, MockGroup, Ref,
-                         Sample, TowerPair)
+from .tower_work import (ContextWork, Delta, DenoiseGroup, DenoiserWork, ExtendGroup, MockGroup,
+                         Ref, Sample, TowerPair)
 
 # A streaming callback gets each committed block's ids (a token at a time in AR modes);
 # returning False cancels the request.
@@ -227,10 +227,7 @@ class StepScheduler:
         work.opened = [r.ref for r in admitted]
         deltas = []
         if not work.empty:
-            result = self._timed(work, self.towers.context, work)
-            deltas = result.deltas
-            _share(self._rows_of(work), result.crossed)
-            self._took_context_step(work, result.tokens, result.scores, prefilling)
+            deltas = self._context_call(work, prefilling)
         for row in live:
             if row.sampled is not None:
                 token, row.sampled = row.sampled, None
@@ -243,25 +240,28 @@ class StepScheduler:
         if not dwork.empty:
             start = time.perf_counter()
             dresult = self.towers.denoiser(dwork)
+            elapsed = time.perf_counter() - start
             for row in denoise + mock:
-                row.charge("denoise_seconds", time.perf_counter() - start)
+                row.charge("denoise_seconds", elapsed)
             _share(denoise + mock, dresult.crossed)
             self._took_denoiser_step(dwork, dresult.blocks, mock, dresult.tokens)
         self._drop_finished()
         self.rounds += 1
 
-    def _timed(self, work: ContextWork, call, *args):
+    def _context_call(self, work: ContextWork, prefilling: list[Row]) -> list[Delta]:
+        """The context tower's call, its time and bytes charged to the rows it served;
+        returns the deltas for the denoiser."""
         start = time.perf_counter()
-        out = call(*args)
+        result = self.towers.context(work)
         elapsed = time.perf_counter() - start
-        for row in {id(r): r for r in self._rows_of(work)}.values():
+        by_ref = {r.ref: r for r in self.rows}
+        served = list({ref: by_ref[ref] for g in work.groups for ref in g.rows}.values())
+        for row in served:
             row.charge("prefill_seconds" if row.phase == PREFILL else "commit_seconds",
                        elapsed)
-        return out
-
-    def _rows_of(self, work: ContextWork) -> list[Row]:
-        by_ref = {r.ref: r for r in self.rows}
-        return [by_ref[ref] for group in work.groups for ref in group.rows]
+        _share(served, result.crossed)
+        self._took_context_step(work, result.tokens, result.scores, prefilling)
+        return result.deltas
 
     def _drop_finished(self) -> None:
         kept, freed = [], []
@@ -388,10 +388,9 @@ class StepScheduler:
 
 
 def _share(rows: list[Row], crossed: int) -> None:
-    """Split a call's boundary bytes between the rows it served."""
-    unique = list({id(r): r for r in rows}.values())
-    for row in unique:
-        row.result.stats.boundary_bytes += crossed // len(unique) if unique else 0
+    """Split a call's boundary bytes between the (distinct) rows it served."""
+    for row in rows:
+        row.result.stats.boundary_bytes += crossed // len(rows)
 
 
 def _group(rows: list[Row], ids: torch.Tensor, sample: bool = False,
