@@ -4,6 +4,7 @@ towers, batches every live request into one call per tower and round, and frees 
 however its request ends. The towers refuse what only a stray or hostile caller would send."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -290,3 +291,56 @@ def test_scores_cross_the_boundary_unchanged(tiny_model, towers):
     streamed = [x for block in responder.scores for x in block["tokens"]]
     assert [x[:2] for x in streamed] == [[t.token, t.logprob] for t in expected.logprobs]
     assert responder.scores[0]["prompt"][0][0] == 6 and "prompt" not in responder.scores[1]
+
+
+class _Strict(Collect):
+    """A responder that, like a Triton response sender, must not be asked about its client
+    once its final answer is out."""
+
+    def __init__(self):
+        super().__init__()
+        self.violations = 0
+
+    def gone(self):
+        if self.ended.is_set():
+            self.violations += 1
+        return False
+
+
+class _Slow(_Strict):
+    """From its second question on, answers only once ``partner`` has ended: the watcher,
+    which asks it first, then holds a list taken while the partner still ran."""
+
+    def __init__(self, partner):
+        super().__init__()
+        self.partner, self.calls = partner, 0
+
+    def gone(self):
+        self.calls += 1
+        if self.calls >= 2:
+            self.partner.ended.wait(0.5)
+        return super().gone()
+
+
+def test_a_finished_request_is_never_asked_whether_its_client_left(tiny_model, towers,
+                                                                   monkeypatch):
+    """A Triton response sender is freed by its final answer; asking it afterwards whether
+    its client left crashed tritonserver."""
+    from trt_twotower.serve import orchestrator as module
+    from trt_twotower.serve.orchestrator import Guarded
+    strict = _Strict()
+    guarded = Guarded(strict)
+    guarded.finish(None)
+    assert guarded.gone() is False and strict.violations == 0
+    monkeypatch.setattr(module, "WATCH_SECONDS", 0.01)
+    orchestrator = _orchestrator(tiny_model, towers)
+    short = _Strict()
+    slow = _Slow(short)
+    orchestrator.submit([5, 6], GenerationSettings(mode="ar", max_new_tokens=70,
+                                                   stop_at_eos=False), slow)
+    orchestrator.submit([7, 8], GenerationSettings(mode="ar", max_new_tokens=30,
+                                                   stop_at_eos=False), short)
+    assert short.ended.wait(30) and slow.ended.wait(30)
+    time.sleep(0.1)
+    orchestrator.close(10)
+    assert slow.calls >= 2 and short.violations == 0

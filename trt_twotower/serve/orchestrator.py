@@ -53,6 +53,38 @@ class Responder(Protocol):
         """The client cancelled or went away."""
 
 
+class Guarded:
+    """A responder whose client is never asked about after its final answer went out: in
+    Triton the final answer frees the response sender, and asking a freed sender whether it
+    was cancelled crashes the server (measured: SIGSEGV in
+    ``TRITONBACKEND_ResponseFactoryIsCancelled`` when the watcher raced a final send). The
+    answer thread and the watcher take turns on one lock."""
+
+    def __init__(self, responder: Responder) -> None:
+        self.responder = responder
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def block(self, ids: list[int], scores: Optional[dict]) -> None:
+        with self._lock:
+            if not self.closed:
+                self.responder.block(ids, scores)
+
+    def finish(self, result: RequestResult) -> None:
+        with self._lock:
+            self.closed = True
+            self.responder.finish(result)
+
+    def fail(self, message: str) -> None:
+        with self._lock:
+            self.closed = True
+            self.responder.fail(message)
+
+    def gone(self) -> bool:
+        with self._lock:
+            return not self.closed and self.responder.gone()
+
+
 class Orchestrator:
     def __init__(self, call: TowerCall, secret: str, config: TwoTowerConfig, max_context: int,
                  limits: SchedulerLimits, max_waiting: int) -> None:
@@ -71,6 +103,7 @@ class Orchestrator:
     def submit(self, prompt_ids: list[int], settings: GenerationSettings,
                responder: Responder) -> Handle:
         """Queue a request; raises ``SessionBusy`` or a ``GenerationError`` at once."""
+        responder = Guarded(responder)
         request = Request(prompt_ids, settings)
         sent_prompt = [False]
 
