@@ -1,5 +1,5 @@
 """Open one tower for a Triton tower model: its executor on the model instance's device,
-wrapped with the per-sequence caches (``towers.py``). The one place that maps a repository's
+wrapped with its slot pool (``towers.py``). The one place that maps a repository's
 ``source``/``backend`` parameters to executors."""
 
 from __future__ import annotations
