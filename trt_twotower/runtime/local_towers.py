@@ -71,7 +71,7 @@ class LocalTowers:
                 if mirror:
                     moved = denoiser.copy_from(context.pool, slot, old)
                     deltas.append(Delta(slot, None, moved, keep))
-        return ContextResult(tokens, deltas, scores=scores)
+        return ContextResult(tokens, scores, deltas)
 
     def denoiser(self, work: DenoiserWork) -> DenoiserResult:
         """The deltas are in already (``context`` copied them)."""

@@ -28,8 +28,8 @@ from .. import policy
 from ..config import TwoTowerConfig
 from ..policy import GenerationError, GenerationSettings, TokenScore
 from .cache import CacheFullError
-from .tower_work import (ContextWork, Delta, DenoiseGroup, DenoiserWork, ExtendGroup, MockGroup,
-                         Ref, Sample, TowerPair)
+from .tower_work import (ContextResult, ContextWork, Delta, DenoiseGroup, DenoiserWork,
+                         ExtendGroup, MockGroup, Ref, Sample, TowerPair)
 
 # A streaming callback gets each committed block's ids (a token at a time in AR modes);
 # returning False cancels the request.
@@ -110,7 +110,6 @@ class Row:
         self.token: Optional[int] = None              # a token to push next round
         self.sampled: Optional[int] = None            # AR: the context tower's next token
         self.sampled_score: Optional[TokenScore] = None
-        self.scores_prompt = self.settings.echo and self.settings.logprobs is not None
         self.cancel_requested = False
 
     @property
@@ -125,6 +124,11 @@ class Row:
     @property
     def diffusion_key(self) -> int:
         return self.block_index * self.settings.steps_per_block + self.step_in_block
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Echo with logprobs: each prompt token after the first is scored."""
+        return self.settings.echo and self.settings.logprobs is not None
 
     def next_sample(self) -> Optional[Sample]:
         """AR rows ask the context tower for their next token with each step."""
@@ -223,11 +227,12 @@ class StepScheduler:
             if row.cancel_requested and row.phase != FINISHED:
                 row.result.cancelled, row.phase = True, FINISHED
         live = [r for r in self.rows if r.phase != FINISHED]
+        by_ref = {r.ref: r for r in self.rows}
         work, prefilling = self._context_work(live)
         work.opened = [r.ref for r in admitted]
         deltas = []
         if not work.empty:
-            deltas = self._context_call(work, prefilling)
+            deltas = self._context_call(work, prefilling, by_ref)
         for row in live:
             if row.sampled is not None:
                 token, row.sampled = row.sampled, None
@@ -244,23 +249,23 @@ class StepScheduler:
             for row in denoise + mock:
                 row.charge("denoise_seconds", elapsed)
             _share(denoise + mock, dresult.crossed)
-            self._took_denoiser_step(dwork, dresult.blocks, mock, dresult.tokens)
+            self._took_denoiser_step(dwork, dresult.blocks, mock, dresult.tokens, by_ref)
         self._drop_finished()
         self.rounds += 1
 
-    def _context_call(self, work: ContextWork, prefilling: list[Row]) -> list[Delta]:
+    def _context_call(self, work: ContextWork, prefilling: list[Row],
+                      by_ref: dict[Ref, Row]) -> list[Delta]:
         """The context tower's call, its time and bytes charged to the rows it served;
         returns the deltas for the denoiser."""
         start = time.perf_counter()
         result = self.towers.context(work)
         elapsed = time.perf_counter() - start
-        by_ref = {r.ref: r for r in self.rows}
         served = list({ref: by_ref[ref] for g in work.groups for ref in g.rows}.values())
         for row in served:
             row.charge("prefill_seconds" if row.phase == PREFILL else "commit_seconds",
                        elapsed)
         _share(served, result.crossed)
-        self._took_context_step(work, result.tokens, result.scores, prefilling)
+        self._took_context_step(work, result, prefilling, by_ref)
         return result.deltas
 
     def _drop_finished(self) -> None:
@@ -323,12 +328,9 @@ class StepScheduler:
             pushed += 1
         return pushed
 
-    def _took_context_step(self, work: ContextWork, tokens: list[list[Optional[int]]],
-                           scores: list[list[Optional[TokenScore]]], prefilling: list[Row]
-                           ) -> None:
-        by_ref = {r.ref: r for r in self.rows}
-        for group, sampled, scored in zip(work.groups, tokens, scores or
-                                          [[None] * len(g.rows) for g in work.groups]):
+    def _took_context_step(self, work: ContextWork, result: ContextResult,
+                           prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
+        for group, sampled, scored in zip(work.groups, result.tokens, result.scores):
             for ref, token, score, sample in zip(group.rows, sampled, scored, group.sample):
                 row = by_ref[ref]
                 row.result.stats.context_steps += 1
@@ -355,8 +357,8 @@ class StepScheduler:
                          [r.settings for r in rows], [r.step for r in rows])
 
     def _took_denoiser_step(self, work: DenoiserWork, blocks: list[torch.Tensor],
-                            mock: list[Row], tokens: list[int]) -> None:
-        by_ref = {r.ref: r for r in self.rows}
+                            mock: list[Row], tokens: list[int], by_ref: dict[Ref, Row]
+                            ) -> None:
         for delta in work.deltas:
             by_ref[delta.row].result.stats.handoff_bytes += delta.size
         mask_id = self.config.mask_token_id

@@ -70,10 +70,10 @@ class ContextWork:
 
 @dataclass
 class ContextResult:
-    tokens: list[list[Optional[int]]]   # per group, per row: the sampled token or None
-    deltas: list[Delta]                 # in group order, for the mirroring rows
-    crossed: int = 0                    # bytes the call moved between processes
-    scores: list[list[Optional[TokenScore]]] = field(default_factory=list)  # per group, row
+    tokens: list[list[Optional[int]]]             # per group, per row: next token or None
+    scores: list[list[Optional[TokenScore]]]      # per group, per row, where logprobs asked
+    deltas: list[Delta]                           # in group order, for the mirroring rows
+    crossed: int = 0                              # bytes the call moved between processes
 
 
 @dataclass

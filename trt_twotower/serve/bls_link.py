@@ -5,7 +5,8 @@ Inside Triton a call is a BLS request (``pb_utils.InferenceRequest``); ``direct_
 same encoded tensors against tower objects in this process, which is how the protocol is tested
 without a server. Sequences get random keys (``SequenceKey.new``); a finished sequence's release
 rides on the next round's calls, or goes alone when the loop falls idle. Every byte sent and
-received is counted: the bytes that cross process boundaries.
+received is counted and charged to the rows of the call: the bytes that cross process
+boundaries.
 """
 
 from __future__ import annotations
@@ -73,17 +74,15 @@ class RemoteTowers:
         self.open: dict[SequenceKey, bool] = {}    # open sequences: mirrored on the denoiser?
         self.pending: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
         self.waited: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
-        self.boundary_bytes = self.crossed = 0
 
     def new_ref(self) -> Ref:
         return SequenceKey.new()
 
     def _send(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]
-              ) -> dict[str, np.ndarray]:
+              ) -> tuple[dict[str, np.ndarray], int]:
+        """The tower's outputs and the bytes the call moved between processes."""
         out = self.call(model, inputs, outputs)
-        self.crossed = sum(map(nbytes, inputs.values())) + sum(map(nbytes, out.values()))
-        self.boundary_bytes += self.crossed
-        return out
+        return out, sum(map(nbytes, inputs.values())) + sum(map(nbytes, out.values()))
 
     def _releases(self, model: str) -> list[SequenceKey]:
         released, self.pending[model] = self.pending[model], []
@@ -94,18 +93,19 @@ class RemoteTowers:
         for key in work.opened:
             self.open[key] = False
         outputs = ["token", "cache_delta", "score"] if work.groups else []
-        result = decode_context_result(work, self._send(
-            CONTEXT_MODEL, encode_context(work, self.secret), outputs))
-        result.crossed = self.crossed
+        out, crossed = self._send(CONTEXT_MODEL, encode_context(work, self.secret), outputs)
+        result = decode_context_result(work, out)
+        result.crossed = crossed
         return result
 
     def denoiser(self, work: DenoiserWork) -> DenoiserResult:
         work.released = self._releases(DENOISER_MODEL)
         for key in work.opened:
             self.open[key] = True
-        result = decode_denoiser_result(work, self._send(
-            DENOISER_MODEL, encode_denoiser(work, self.secret), denoiser_outputs(work)))
-        result.crossed = self.crossed
+        out, crossed = self._send(DENOISER_MODEL, encode_denoiser(work, self.secret),
+                                  denoiser_outputs(work))
+        result = decode_denoiser_result(work, out)
+        result.crossed = crossed
         return result
 
     def release(self, refs: list[tuple[Ref, bool]]) -> None:
@@ -118,15 +118,14 @@ class RemoteTowers:
     def settle(self, idle: bool) -> None:
         """Releases ride on the next round's calls; what a round did not carry (it made no
         call to that tower), or everything once the loop falls idle, goes alone now."""
-        for model in (CONTEXT_MODEL, DENOISER_MODEL):
-            late = self.pending[model] if idle else \
-                [k for k in self.pending[model] if k in set(self.waited[model])]
+        for model, empty, encode in ((CONTEXT_MODEL, ContextWork, encode_context),
+                                     (DENOISER_MODEL, DenoiserWork, encode_denoiser)):
+            waited = set(self.waited[model])
+            late = [k for k in self.pending[model] if idle or k in waited]
             if late:
-                self.pending[model] = [k for k in self.pending[model] if k not in set(late)]
-                work = ContextWork(released=late) if model == CONTEXT_MODEL else \
-                    DenoiserWork(released=late)
-                encode = encode_context if model == CONTEXT_MODEL else encode_denoiser
-                self._send(model, encode(work, self.secret), [])
+                self.pending[model] = [k for k in self.pending[model]
+                                       if not (idle or k in waited)]
+                self._send(model, encode(empty(released=late), self.secret), [])
             self.waited[model] = list(self.pending[model])
 
     def forget(self) -> None:

@@ -11,6 +11,7 @@ detokenization happen here too."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import socket
@@ -33,7 +34,7 @@ from ..errors import TwoTowerError
 from ..policy import GenerationError, GenerationSettings, blocks_needed
 from ..tokenizer import TwoTowerTokenizer
 from .client import ClientError, server_ready, stream_generate
-from .openai_logprobs import logprobs_object
+from .openai_logprobs import TokenTexts, logprobs_object
 
 RETRY_AFTER_S = 1
 START_TIMEOUT_S = 30.0
@@ -298,6 +299,11 @@ class Job:
     stats: dict = field(default_factory=dict)
     scores: list = field(default_factory=list)          # the completion tokens'
     prompt_scores: Optional[list] = None               # echo: the prompt's, after the first
+    texts: Optional[TokenTexts] = None                 # token texts, as far as worked out
+
+    @functools.cached_property
+    def prompt_text(self) -> str:
+        return self.cutter.tokenizer.decode(self.prompt_ids)
 
     def pieces(self, url: str, timeout: float) -> Iterator[str]:
         """Text as it becomes final, block by block; closing it cancels the request."""
@@ -328,31 +334,42 @@ class Job:
                ) -> dict:
         return {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
 
-    def echoed(self, tokenizer: TwoTowerTokenizer) -> str:
+    def echoed(self) -> str:
         """The prompt's text when the request echoes it, else nothing."""
-        return tokenizer.decode(self.prompt_ids) if self.echo else ""
+        return self.prompt_text if self.echo else ""
 
-    def logprobs(self, tokenizer: TwoTowerTokenizer) -> Optional[dict]:
-        """The completion's logprobs object for the tokens it kept (after a stop string)."""
+    def _texts(self) -> list[str]:
+        """The prompt's and the kept completion tokens' texts, each decoded once."""
+        if self.texts is None:
+            self.texts = TokenTexts(self.cutter.tokenizer)
+            self.texts.extend(self.prompt_ids)
+        self.texts.extend(self.cutter.ids[len(self.texts.ids) - len(self.prompt_ids):])
+        return self.texts.texts(len(self.prompt_ids) + self.cutter.completion_tokens)
+
+    def logprobs(self, first: int = 0, last: Optional[int] = None) -> Optional[dict]:
+        """The choice's logprobs object (entries ``first`` to ``last``) for the tokens the
+        completion kept (a stop string may end it early)."""
         if self.settings.logprobs is None:
             return None
         kept = self.cutter.completion_tokens
-        return logprobs_object(tokenizer, self.prompt_ids, self.cutter.ids[:kept],
-                               self.prompt_scores if self.echo else None, self.scores[:kept])
+        return logprobs_object(self.cutter.tokenizer, self._texts(), len(self.prompt_ids),
+                               self.prompt_scores if self.echo else None, self.scores[:kept],
+                               first, last)
 
-    def logprobs_since(self, tokenizer: TwoTowerTokenizer, sent: int, final: bool
-                       ) -> tuple[Optional[dict], int]:
+    def logprobs_since(self, sent: int, final: bool) -> tuple[Optional[dict], int]:
         """A stream chunk's logprobs: the entries after the first ``sent`` whose token's text
         has been streamed in full (all that are left once ``final``); and the new count."""
-        whole = self.logprobs(tokenizer)
-        if whole is None:
+        if self.settings.logprobs is None:
             return None, sent
-        streamed = len(tokenizer.decode(self.prompt_ids)) + self.cutter.sent
-        end = len(whole["tokens"])
+        texts = self._texts()
+        start = 0 if self.echo else len(self.prompt_ids)
+        end = len(texts) - start
         if not final:
-            ends = [at + len(text) for at, text in zip(whole["text_offset"], whole["tokens"])]
-            end = sum(1 for e in ends if e <= streamed)
-        return {key: values[sent:end] for key, values in whole.items()}, max(sent, end)
+            streamed = len(self.prompt_text) + self.cutter.sent
+            at, end = sum(len(t) for t in texts[:start + sent]), sent
+            while start + end < len(texts) and at + len(texts[start + end]) <= streamed:
+                at, end = at + len(texts[start + end]), end + 1
+        return self.logprobs(sent, end), max(sent, end)
 
     def envelope(self, choices: list[dict], **extra: Any) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
@@ -443,11 +460,11 @@ def create_app(grpc_url: str, model_name: str, tokenizer: TwoTowerTokenizer,
         except BaseException:
             metrics.in_flight -= 1
             raise
-        first = job.echoed(tokenizer) + (first or "")
+        first = job.echoed() + (first or "")
         if body.stream:
-            return StreamingResponse(_stream(job, pieces, first, metrics, tokenizer),
+            return StreamingResponse(_stream(job, pieces, first, metrics),
                                      media_type="text/event-stream")
-        return JSONResponse(await _whole(job, pieces, first, metrics, tokenizer))
+        return JSONResponse(await _whole(job, pieces, first, metrics))
 
     return app
 
@@ -470,7 +487,7 @@ async def _next_piece(pieces: Iterator[str]) -> Optional[str]:
 
 
 async def _whole(job: Job, pieces: Iterator[str], first: Optional[str],
-                 metrics: Metrics, tokenizer: TwoTowerTokenizer) -> dict:
+                 metrics: Metrics) -> dict:
     """The non-streaming response: every piece, then one choice (with its logprobs when
     asked) and the usage."""
     parts = [first or ""]
@@ -482,11 +499,11 @@ async def _whole(job: Job, pieces: Iterator[str], first: Optional[str],
     usage = job.usage()
     metrics.finished(200, usage)
     return job.envelope([job.choice("".join(parts), job.cutter.finish_reason,
-                                    job.logprobs(tokenizer))], usage=usage)
+                                    job.logprobs())], usage=usage)
 
 
 async def _stream(job: Job, pieces: Iterator[str], first: Optional[str],
-                  metrics: Metrics, tokenizer: TwoTowerTokenizer) -> AsyncIterator[str]:
+                  metrics: Metrics) -> AsyncIterator[str]:
     """Server-sent events: a chunk per non-empty piece, the finish reason, the usage when
     asked, then [DONE]. A disconnect cancels this generator, which cancels the request."""
     usage_field = {"usage": None} if job.wants_usage else {}
@@ -494,10 +511,10 @@ async def _stream(job: Job, pieces: Iterator[str], first: Optional[str],
     try:
         while piece is not None:
             if piece:
-                logprobs, scored = job.logprobs_since(tokenizer, scored, final=False)
+                logprobs, scored = job.logprobs_since(scored, final=False)
                 yield _sse(job.envelope([job.choice(piece, None, logprobs)], **usage_field))
             piece = await _next_piece(pieces)
-        logprobs, scored = job.logprobs_since(tokenizer, scored, final=True)
+        logprobs, scored = job.logprobs_since(scored, final=True)
         yield _sse(job.envelope([job.choice("", job.cutter.finish_reason, logprobs)],
                                 **usage_field))
         if job.wants_usage:

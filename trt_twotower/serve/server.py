@@ -271,6 +271,9 @@ class TritonServer:
         # The stub and server link against the CUDA runtime bundled in nvidia_pytriton.libs.
         env["LD_LIBRARY_PATH"] = os.pathsep.join([str(home.parent.parent / "nvidia_pytriton.libs"),
                                                   env.get("LD_LIBRARY_PATH", "")])
+        # The step loop calls the two towers in turn: OpenMP threads that spin after a step
+        # hold the cores the other tower needs next (diffusion ran 10x slower), so they sleep.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [str(binary), f"--model-repository={self.repository}",

@@ -113,18 +113,23 @@ def _authorize(inputs: Inputs, secret: str) -> None:
 
 
 # --- the orchestrator's side ---------------------------------------------------------------
+def _encode_groups(rows: list[list[SequenceKey]], ids: list[torch.Tensor]
+                   ) -> dict[str, np.ndarray]:
+    """Groups of rows, each with its ids [R, T], as the keys, sizes, widths and flat ids that
+    ``_groups`` reads back."""
+    return {**_keys("row", [k for group in rows for k in group]),
+            "group_rows": _ints([len(group) for group in rows]),
+            "group_width": _ints([t.shape[1] for t in ids]),
+            "input_ids": torch.cat([t.reshape(-1) for t in ids]).numpy().astype(np.int64)}
+
+
 def encode_context(work: ContextWork, secret: str) -> dict[str, np.ndarray]:
-    rows = [k for g in work.groups for k in g.rows]
     sample = [s for g in work.groups for s in g.sample]
     inputs = {"op": _texts(["round"]), "tower_secret": _texts([secret]),
-              **_keys("open", work.opened), **_keys("release", work.released),
-              **_keys("row", rows)}
+              **_keys("open", work.opened), **_keys("release", work.released)}
     if work.groups:
         inputs.update(
-            group_rows=_ints([len(g.rows) for g in work.groups]),
-            group_width=_ints([g.ids.shape[1] for g in work.groups]),
-            input_ids=torch.cat([g.ids.reshape(-1) for g in work.groups]).numpy().astype(
-                np.int64),
+            **_encode_groups([g.rows for g in work.groups], [g.ids for g in work.groups]),
             mirror=np.array([m for g in work.groups for m in g.mirror], dtype=bool),
             sample=_texts(["" if s is None else settings_to_json(s.settings) for s in sample]),
             step_key=_ints([0 if s is None else s.step_key for s in sample]),
@@ -161,9 +166,9 @@ def decode_context_result(work: ContextWork, outputs: dict[str, np.ndarray]) -> 
         raise TowerRequestError(f"the context tower sent {len(deltas)} cache deltas for "
                                 f"{len(mirrored)} mirrored rows")
     # a delta's size is its tensors' bytes, as in process; its header is bookkeeping
-    return ContextResult(per_group, [Delta(k, d, len(d) - HEADER_BYTES, kp)
-                                     for k, d, kp in zip(mirrored, deltas, keep)],
-                         scores=per_group_scores)
+    return ContextResult(per_group, per_group_scores,
+                         [Delta(k, d, len(d) - HEADER_BYTES, kp)
+                          for k, d, kp in zip(mirrored, deltas, keep)])
 
 
 def encode_denoiser(work: DenoiserWork, secret: str) -> dict[str, np.ndarray]:
@@ -176,11 +181,7 @@ def encode_denoiser(work: DenoiserWork, secret: str) -> dict[str, np.ndarray]:
                       keep_previous=np.array([d.keep_previous for d in work.deltas], bool))
     if work.groups:
         inputs.update(
-            **_keys("row", [k for g in work.groups for k in g.rows]),
-            group_rows=_ints([len(g.rows) for g in work.groups]),
-            group_width=_ints([g.blocks.shape[1] for g in work.groups]),
-            input_ids=torch.cat([g.blocks.reshape(-1) for g in work.groups]).numpy().astype(
-                np.int64),
+            **_encode_groups([g.rows for g in work.groups], [g.blocks for g in work.groups]),
             settings=_texts([settings_to_json(s) for g in work.groups for s in g.settings]),
             step_key=_ints([k for g in work.groups for k in g.step_keys]),
             steps_left=_ints([n for g in work.groups for n in g.steps_left]))

@@ -156,7 +156,7 @@ class ContextTower:
                 if mirror:
                     payload = self.slots.delta(slot, old)
                     deltas.append(Delta(sequence, payload, int(payload.size), keep))
-        return ContextResult(tokens, deltas, scores=scores)
+        return ContextResult(tokens, scores, deltas)
 
     def stats(self) -> dict:
         return self.table.stats(_slot_bytes(self.slots.pool))
