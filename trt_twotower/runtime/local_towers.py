@@ -8,6 +8,7 @@ into the denoiser's pool at once, tensor to tensor, never packed.
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -50,6 +51,22 @@ class LocalTowers:
 
     def forget(self) -> None:
         self.free = list(range(self.capacity - 1, -1, -1))
+
+    def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
+            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
+        """The context call, then the denoiser's, on this thread: one process drives both
+        devices, and a context call's deltas are copied into the denoiser's pool as it goes
+        (into rows the denoiser call does not touch)."""
+        results = []
+        for work, call in ((context, self.context), (denoiser, self.denoiser)):
+            if work is None:
+                results.append(None)
+                continue
+            start = time.perf_counter()
+            result = call(work)
+            result.seconds = time.perf_counter() - start
+            results.append(result)
+        return results[0], results[1]
 
     def context(self, work: ContextWork) -> ContextResult:
         """Opening empties a slot in both pools; each step's delta lands in the denoiser's

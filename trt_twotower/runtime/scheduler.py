@@ -4,11 +4,13 @@ A round is one call to each tower (``tower_work.py``). The context tower's call 
 admitted this round and pushes, in one go, the next chunk of each prefilling prompt (within a
 token budget, so that a long prompt cannot stall the other rows), the blocks that resolved in
 the last round (T = S) and the tokens sampled in it (T = 1); the AR rows' next tokens are
-sampled there, from logits that never leave the tower. The denoiser's call takes the cache
-deltas, runs one diffusion step over every row in the middle of a block and one mock-AR step.
-A row that finishes or is cancelled leaves at the end of the round and its slot is freed at
-once. Rows with different settings share every call: γ, the steps left, the timestep, the
-temperature, the seed and the step key are per row.
+sampled there, from logits that never leave the tower. The denoiser's call takes the last
+round's cache deltas and runs one diffusion step over every other row in the middle of a block
+and one mock-AR step. The two calls serve disjoint rows, so towers on two devices (or in two
+Triton models) run them at the same time; a row whose block resolves spends the next round in
+the context tower only. A row that finishes or is cancelled leaves at the end of the round and
+its slot is freed at once. Rows with different settings share every call: γ, the steps left,
+the timestep, the temperature, the seed and the step key are per row.
 
 Block size groups the calls (a block step is [rows, S]); a TensorRT engine is built for one S,
 so a server fixes it, while steps per block are each request's own (they only bound its loop).
@@ -18,7 +20,6 @@ Decoding rules come from ``trt_twotower.policy`` only, applied inside the towers
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -165,6 +166,7 @@ class StepScheduler:
         self.capacity = min(limits.capacity, towers.capacity)
         self.waiting: list[Row] = []
         self.rows: list[Row] = []
+        self._carried: list[Delta] = []   # the last context call's deltas, for the denoiser
         self.rounds = 0
 
     # --- admission -----------------------------------------------------------------------
@@ -194,7 +196,7 @@ class StepScheduler:
         """Forget every row (after a failed round): the towers free what they still hold."""
         for row in self.waiting + self.rows:
             row.phase = FINISHED
-        self.waiting, self.rows = [], []
+        self.waiting, self.rows, self._carried = [], [], []
         self.towers.forget()
 
     @property
@@ -220,8 +222,14 @@ class StepScheduler:
 
     # --- one round -------------------------------------------------------------------------
     def round(self) -> None:
-        """Admit, one context call, emit the AR tokens, one denoiser call, emit blocks and
-        mock-AR tokens; free the rows that finished."""
+        """Admit; write both calls; run them (at once where the towers live apart); emit AR
+        tokens, blocks and mock-AR tokens; free the rows that finished.
+
+        The two calls of a round touch disjoint rows, so neither waits for the other: the
+        context call takes the rows that must push something (a prompt chunk, a resolved
+        block, a sampled token) and the denoiser call the rows that need nothing pushed, with
+        the deltas of the last round's context call. A row whose block resolves therefore
+        spends one round in the context tower alone before its next block starts."""
         admitted = self._admit()
         for row in self.rows:
             if row.cancel_requested and row.phase != FINISHED:
@@ -230,43 +238,42 @@ class StepScheduler:
         by_ref = {r.ref: r for r in self.rows}
         work, prefilling = self._context_work(live)
         work.opened = [r.ref for r in admitted]
-        deltas = []
-        if not work.empty:
-            deltas = self._context_call(work, prefilling, by_ref)
-        for row in live:
-            if row.sampled is not None:
-                token, row.sampled = row.sampled, None
-                self._emit_token(row, token, row.sampled_score)
-        denoise = [r for r in live if r.phase == DENOISE]
-        mock = [r for r in live if r.phase == SAMPLE and r.mock and r.token is None]
-        dwork = DenoiserWork(opened=[r.ref for r in admitted if r.mirrored], deltas=deltas,
+        pushing = {ref for group in work.groups for ref in group.rows}
+        denoise = [r for r in live if r.phase == DENOISE and r.ref not in pushing]
+        mock = [r for r in live
+                if r.phase == SAMPLE and r.mock and r.token is None and r.ref not in pushing]
+        dwork = DenoiserWork(opened=[r.ref for r in admitted if r.mirrored],
+                             deltas=[d for d in self._carried if d.row in by_ref],
                              groups=self._denoise_groups(denoise),
                              mock=self._mock_group(mock))
-        if not dwork.empty:
-            start = time.perf_counter()
-            dresult = self.towers.denoiser(dwork)
-            elapsed = time.perf_counter() - start
+        result, dresult = self.towers.run(None if work.empty else work,
+                                          None if dwork.empty else dwork)
+        self._carried = []
+        if result is not None:
+            self._took_context_call(work, result, prefilling, by_ref)
+        if dresult is not None:
             for row in denoise + mock:
-                row.charge("denoise_seconds", elapsed)
+                row.charge("denoise_seconds", dresult.seconds)
             _share(denoise + mock, dresult.crossed)
             self._took_denoiser_step(dwork, dresult.blocks, mock, dresult.tokens, by_ref)
         self._drop_finished()
         self.rounds += 1
 
-    def _context_call(self, work: ContextWork, prefilling: list[Row],
-                      by_ref: dict[Ref, Row]) -> list[Delta]:
-        """The context tower's call, its time and bytes charged to the rows it served;
-        returns the deltas for the denoiser."""
-        start = time.perf_counter()
-        result = self.towers.context(work)
-        elapsed = time.perf_counter() - start
+    def _took_context_call(self, work: ContextWork, result: ContextResult,
+                           prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
+        """The context call's time and bytes charged to the rows it served, its tokens
+        emitted; its deltas wait for the next denoiser call."""
         served = list({ref: by_ref[ref] for g in work.groups for ref in g.rows}.values())
         for row in served:
             row.charge("prefill_seconds" if row.phase == PREFILL else "commit_seconds",
-                       elapsed)
+                       result.seconds)
         _share(served, result.crossed)
         self._took_context_step(work, result, prefilling, by_ref)
-        return result.deltas
+        self._carried = result.deltas
+        for row in served:
+            if row.sampled is not None:
+                token, row.sampled = row.sampled, None
+                self._emit_token(row, token, row.sampled_score)
 
     def _drop_finished(self) -> None:
         kept, freed = [], []

@@ -2,8 +2,9 @@
 
 A round is two calls, one per tower, whatever the number of rows: the context tower's (open the
 new rows' caches, push prompt chunks, committed blocks and sampled tokens, sample the AR rows'
-next tokens, free finished rows) and then the denoiser's (open, take the context's cache
-deltas, one diffusion step for every row mid-block, one mock-AR step, free). The loop
+next tokens, free finished rows) and the denoiser's (open, take the last context call's cache
+deltas, one diffusion step for every row mid-block, one mock-AR step, free). The two serve
+disjoint rows, so towers on two devices or in two processes run them at the same time. The loop
 (``scheduler.py``) writes this work; a tower pair carries it out — in this process
 (``local_towers.py``) or in two Triton tower models (``trt_twotower.serve``), where each call is
 one batched request and only ids, settings and cache deltas cross.
@@ -74,6 +75,7 @@ class ContextResult:
     scores: list[list[Optional[TokenScore]]]      # per group, per row, where logprobs asked
     deltas: list[Delta]                           # in group order, for the mirroring rows
     crossed: int = 0                              # bytes the call moved between processes
+    seconds: float = 0.0                          # how long the call took
 
 
 @dataclass
@@ -114,6 +116,7 @@ class DenoiserResult:
     blocks: list[torch.Tensor]      # per group: the next block ids [R, S]
     tokens: list[int]               # the mock-AR rows' next tokens
     crossed: int = 0                # bytes the call moved between processes
+    seconds: float = 0.0            # how long the call took
 
 
 class TowerPair(Protocol):
@@ -124,9 +127,11 @@ class TowerPair(Protocol):
 
     def new_ref(self) -> Ref: ...
 
-    def context(self, work: ContextWork) -> ContextResult: ...
-
-    def denoiser(self, work: DenoiserWork) -> DenoiserResult: ...
+    def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
+            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
+        """One round's calls (either may be absent), each result with its call's time. The
+        two touch disjoint rows: a pair whose towers run apart runs them at once."""
+        ...
 
     def release(self, refs: list[tuple[Ref, bool]]) -> None:
         """Free finished rows (each with whether the denoiser holds it)."""

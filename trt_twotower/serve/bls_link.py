@@ -11,7 +11,9 @@ boundaries.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -74,6 +76,7 @@ class RemoteTowers:
         self.open: dict[SequenceKey, bool] = {}    # open sequences: mirrored on the denoiser?
         self.pending: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
         self.waited: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
+        self._helper: Optional[ThreadPoolExecutor] = None
 
     def new_ref(self) -> Ref:
         return SequenceKey.new()
@@ -88,24 +91,44 @@ class RemoteTowers:
         released, self.pending[model] = self.pending[model], []
         return released
 
-    def context(self, work: ContextWork) -> ContextResult:
-        work.released = self._releases(CONTEXT_MODEL)
-        for key in work.opened:
-            self.open[key] = False
+    def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
+            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
+        """Both calls at once, the context's on a helper thread: the tower models are apart,
+        so neither waits for the other. This thread settles what each call carries first."""
+        if context is not None:
+            context.released = self._releases(CONTEXT_MODEL)
+            for key in context.opened:
+                self.open[key] = False
+        if denoiser is not None:
+            denoiser.released = self._releases(DENOISER_MODEL)
+            for key in denoiser.opened:
+                self.open[key] = True
+        if context is None or denoiser is None:
+            return ((None if context is None else self._context(context)),
+                    (None if denoiser is None else self._denoiser(denoiser)))
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="context-call")
+        pending = self._helper.submit(self._context, context)
+        try:
+            denoised = self._denoiser(denoiser)
+        finally:
+            contexted = pending.result()   # waits for it even when the denoiser failed
+        return contexted, denoised
+
+    def _context(self, work: ContextWork) -> ContextResult:
         outputs = ["token", "cache_delta", "score"] if work.groups else []
+        start = time.perf_counter()
         out, crossed = self._send(CONTEXT_MODEL, encode_context(work, self.secret), outputs)
         result = decode_context_result(work, out)
-        result.crossed = crossed
+        result.crossed, result.seconds = crossed, time.perf_counter() - start
         return result
 
-    def denoiser(self, work: DenoiserWork) -> DenoiserResult:
-        work.released = self._releases(DENOISER_MODEL)
-        for key in work.opened:
-            self.open[key] = True
+    def _denoiser(self, work: DenoiserWork) -> DenoiserResult:
+        start = time.perf_counter()
         out, crossed = self._send(DENOISER_MODEL, encode_denoiser(work, self.secret),
                                   denoiser_outputs(work))
         result = decode_denoiser_result(work, out)
-        result.crossed = crossed
+        result.crossed, result.seconds = crossed, time.perf_counter() - start
         return result
 
     def release(self, refs: list[tuple[Ref, bool]]) -> None:
