@@ -233,7 +233,7 @@ def test_the_load_benchmark_runs_each_load_on_both_paths_with_ratio_and_bytes(se
                              MAX_CONTEXT) as session:
             yield SessionTarget(session)
     triton = TritonTarget(server.grpc_url, timeout=120)
-    rows = run_load([engine, lambda: contextlib.nullcontext(triton)], prompts,
+    rows = run_load([engine, lambda: triton], prompts,
                     [("diffusion", s)], [1, 3], [50.0], 2, 3)
     assert [(r.path, r.load) for r in rows] == [
         ("in-process", "1 clients"), ("triton", "1 clients"), ("in-process", "3 clients"),

@@ -226,6 +226,6 @@ def _served(checkpoint: Optional[Path], preset_name: Optional[str],
         raise click.ClickException(str(err)) from None
     target = TritonTarget(server.grpc_url)
     try:
-        yield lambda: contextlib.nullcontext(target)
+        yield lambda: target
     finally:
         server.stop()

@@ -109,8 +109,9 @@ def _orchestrator_only(prompt: Union[str, list[int]], settings: GenerationSettin
     return extra
 
 
-def _inputs(prompt: Union[str, list[int]], settings: GenerationSettings, stream: bool
-            ) -> list:
+def request_inputs(prompt: Union[str, list[int]], settings: GenerationSettings, stream: bool
+                   ) -> list:
+    """A generation request's ``InferInput`` tensors."""
     import tritonclient.grpc as grpcclient
 
     inputs = []
@@ -147,7 +148,7 @@ def stream_generate(url: str, prompt: Union[str, list[int]], settings: Generatio
     if not 0 < timeout < math.inf:
         raise ClientError(f"timeout must be a finite number of seconds above 0, got "
                           f"{timeout!r}")
-    inputs = _inputs(prompt, settings, stream)
+    inputs = request_inputs(prompt, settings, stream)
     model = model or (ENSEMBLE if isinstance(prompt, str) else ORCHESTRATOR)
     responses: "queue.Queue" = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
@@ -162,9 +163,9 @@ def stream_generate(url: str, prompt: Union[str, list[int]], settings: Generatio
             pass  # the stream has already failed: its cause is the next thing in `responses`
         finished = yield from _responses(responses, url, timeout, cancel_after_blocks)
     except InferenceServerException as err:
-        raise _failure(url, err) from None
+        raise client_error(url, err) from None
     finally:
-        _close(client, min(timeout, CLOSE_GRACE_S) if finished else None)
+        close_stream(client, min(timeout, CLOSE_GRACE_S) if finished else None)
 
 
 def _responses(responses: "queue.Queue", url: str, timeout: float,
@@ -178,17 +179,10 @@ def _responses(responses: "queue.Queue", url: str, timeout: float,
         except queue.Empty:
             raise ClientError(f"no response from {url} within {timeout:g} s") from None
         if error is not None:
-            raise _failure(url, error)
-        final = result.get_response().parameters["triton_final_response"].bool_param
-        ids = result.as_numpy("output_ids")
-        stats = result.as_numpy("stats")
-        stats = json.loads(stats[0]) if stats is not None and stats[0] else {}
-        scores = result.as_numpy("logprobs")
-        if scores is not None and scores[0]:
-            stats["logprobs"] = json.loads(scores[0])  # this response's tokens' scores
+            raise client_error(url, error)
+        final, ids, text, stats = response_parts(result)
         if ids is not None and (len(ids) or not final):
-            text = result.as_numpy("text_output")
-            yield ids.tolist(), text[0].decode() if text is not None else "", stats
+            yield ids, text, stats
             seen += 1
             if cancel_after_blocks is not None and seen >= cancel_after_blocks:
                 return False
@@ -198,7 +192,22 @@ def _responses(responses: "queue.Queue", url: str, timeout: float,
             return True
 
 
-def _failure(url: str, error: "InferenceServerException") -> ClientError:
+def response_parts(result) -> tuple[bool, Optional[list[int]], str, dict]:
+    """One streamed answer as (final, its ids or None, their text, stats): the stats with this
+    answer's scores under ``logprobs`` where it carries them."""
+    final = result.get_response().parameters["triton_final_response"].bool_param
+    ids = result.as_numpy("output_ids")
+    stats = result.as_numpy("stats")
+    stats = json.loads(stats[0]) if stats is not None and stats[0] else {}
+    scores = result.as_numpy("logprobs")
+    if scores is not None and scores[0]:
+        stats["logprobs"] = json.loads(scores[0])  # this response's tokens' scores
+    text = result.as_numpy("text_output")
+    return (final, None if ids is None else ids.tolist(),
+            text[0].decode() if text is not None and ids is not None else "", stats)
+
+
+def client_error(url: str, error: "InferenceServerException") -> ClientError:
     """A one-line ClientError for an InferenceServerException: unreachable, or refused."""
     message = " ".join(str(error.message() or error).split())
     if error.status() == "StatusCode.UNAVAILABLE":
@@ -207,7 +216,7 @@ def _failure(url: str, error: "InferenceServerException") -> ClientError:
     return ClientError(f"{url} refused the request: {message}")
 
 
-def _close(client: "InferenceServerClient", grace_s: Optional[float]) -> None:
+def close_stream(client: "InferenceServerClient", grace_s: Optional[float]) -> None:
     """Stop the stream within a deadline, then close the channel. A finished stream is
     closed gracefully, for at most ``grace_s`` (tritonserver takes its whole exit timeout to
     stop after a cancelled stream); any other is cancelled, which ends it on this side at

@@ -1,15 +1,87 @@
-"""The Triton server as a load-benchmark target (``runtime.load_benchmark.Target``): each
-request is one streaming gRPC client sending token ids straight to the orchestrator
-(``twotower_bls``), so that both paths start from the same ids and the table measures the
-serving layer — gRPC, the orchestrator and the tower calls — not tokenization."""
+"""The Triton server as a load-benchmark target (``runtime.load_benchmark.Target``): token ids
+straight to the orchestrator (``twotower_bls``) over streaming gRPC, so that both paths start
+from the same ids and the table measures the serving layer — gRPC, the orchestrator and the
+tower calls — not tokenization.
+
+Each thread that sends requests keeps one connection and one stream open across its requests,
+as a serving client does (a closed-loop client is one thread; the Poisson sender is another);
+answers are routed to their request by id. Opening a channel per request would charge the
+server for the benchmark's own connection set-up and let its rounds run short of rows while
+each new channel opens."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Callable, Optional
 
 from ..policy import GenerationSettings
-from .client import stream_generate
+from .client import (CLOSE_GRACE_S, ORCHESTRATOR, ClientError, client_error, close_stream,
+                     request_inputs, response_parts)
+
+
+class _Request:
+    """One request in flight on a stream: its delta callback and its end."""
+
+    def __init__(self, on_delta: Callable[[list[int]], None]) -> None:
+        self.on_delta = on_delta
+        self.done = threading.Event()
+        self.error: Optional[BaseException] = None
+        self.boundary_bytes = 0
+
+
+class _Stream:
+    """One open gRPC stream carrying many requests, one after another or at once."""
+
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.url = url
+        self.client = grpcclient.InferenceServerClient(url)
+        self.requests: dict[str, _Request] = {}
+        self.ids = itertools.count()
+        self.lock = threading.Lock()
+        self.client.start_stream(callback=self._answer)
+
+    def send(self, prompt: list[int], settings: GenerationSettings, request: _Request) -> None:
+        request_id = str(next(self.ids))
+        with self.lock:
+            self.requests[request_id] = request
+        self.client.async_stream_infer(ORCHESTRATOR, request_inputs(prompt, settings, True),
+                                       request_id=request_id,
+                                       enable_empty_final_response=True)
+
+    def _answer(self, result, error) -> None:
+        """tritonclient's stream thread: a delta goes to its request's callback at once (its
+        arrival time is what the benchmark measures); an error without a request id fails
+        every request on the stream."""
+        if error is not None:
+            with self.lock:
+                failed, self.requests = list(self.requests.values()), {}
+            for request in failed:
+                request.error = client_error(self.url, error)
+                request.done.set()
+            return
+        request_id = result.get_response().id
+        with self.lock:
+            request = self.requests.get(request_id)
+        if request is None:
+            return
+        final, ids, _, stats = response_parts(result)
+        if ids:
+            request.on_delta(ids)
+        if final:
+            request.boundary_bytes = stats.get("boundary_bytes") or 0
+            with self.lock:
+                self.requests.pop(request_id, None)
+            request.done.set()
+
+    def close(self) -> None:
+        """Gracefully when nothing is in flight (a cancelled stream slows the server's exit),
+        else at once."""
+        with self.lock:
+            idle = not self.requests
+        close_stream(self.client, CLOSE_GRACE_S if idle else None)
 
 
 class TritonTarget:
@@ -19,28 +91,39 @@ class TritonTarget:
         self.url, self.timeout = url, timeout
         self.boundary_bytes = 0   # what the tower calls of finished requests moved
         self._lock = threading.Lock()
+        self._streams: dict[int, _Stream] = {}   # this load's, by sending thread
+
+    def _stream(self) -> _Stream:
+        thread = threading.get_ident()
+        with self._lock:
+            stream = self._streams.get(thread)
+        if stream is None:
+            stream = _Stream(self.url)
+            with self._lock:
+                self._streams[thread] = stream
+        return stream
 
     def start(self, prompt: list[int], settings: GenerationSettings,
               on_delta: Callable[[list[int]], None]) -> Callable[[], object]:
-        failure: list[Optional[BaseException]] = [None]
-
-        def run() -> None:
-            try:
-                for ids, _, stats in stream_generate(self.url, list(prompt), settings, True,
-                                                     self.timeout):
-                    if len(ids):
-                        on_delta(list(ids))
-                    if stats:
-                        with self._lock:
-                            self.boundary_bytes += stats.get("boundary_bytes") or 0
-            except BaseException as err:  # re-raised by the waiter, in the caller's thread
-                failure[0] = err
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+        request = _Request(on_delta)
+        self._stream().send(list(prompt), settings, request)
 
         def wait() -> None:
-            thread.join()
-            if failure[0] is not None:
-                raise failure[0]
+            if not request.done.wait(self.timeout):
+                raise ClientError(f"no end of a request from {self.url} within "
+                                  f"{self.timeout:g} s")
+            if request.error is not None:
+                raise request.error
+            with self._lock:
+                self.boundary_bytes += request.boundary_bytes
         return wait
+
+    def __enter__(self) -> "TritonTarget":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """The end of a load: close every stream it opened (its threads are gone)."""
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream.close()
