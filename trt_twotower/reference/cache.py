@@ -10,6 +10,7 @@ starting the recurrence from nothing, so there is no special "empty" path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -25,6 +26,9 @@ class TowerCache:
     conv: dict[int, torch.Tensor] = field(default_factory=dict)     # [B, conv_dim, K−1]
     ssm: dict[int, torch.Tensor] = field(default_factory=dict)      # [B, H, P, N], fp32
     length: int = 0
+    # rows of different lengths in one batch: row b holds valid[b] of the ``length`` cached
+    # positions, the rest is padding its attention skips (None: every row holds ``length``)
+    valid: Optional[torch.Tensor] = None
 
     @classmethod
     def empty(cls, config: TwoTowerConfig, batch: int, dtype: torch.dtype,

@@ -35,7 +35,8 @@ def denoise(tower: Tower, block_ids: torch.Tensor, t_emb: torch.Tensor | None,
         if block.layer_type == MAMBA:
             h, _, _ = block.mixer(h, context.conv[i], context.ssm[i])
         elif block.layer_type == ATTENTION:
-            h, _, _ = block.mixer(h, context.keys[i], context.values[i], causal=False)
+            h, _, _ = block.mixer(h, context.keys[i], context.values[i], causal=False,
+                                      past_valid=context.valid)
         else:
             h = block.mixer(h)
         hidden = residual + (h if gate is None else gate * h)

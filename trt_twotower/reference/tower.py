@@ -56,7 +56,8 @@ class Tower(nn.Module):
             if block.layer_type == MAMBA:
                 h, cache.conv[i], cache.ssm[i] = block.mixer(h, cache.conv[i], cache.ssm[i])
             elif block.layer_type == ATTENTION:
-                h, k, v = block.mixer(h, cache.keys[i], cache.values[i], causal=True)
+                h, k, v = block.mixer(h, cache.keys[i], cache.values[i], causal=True,
+                                      past_valid=cache.valid)
                 cache.keys[i] = torch.cat([cache.keys[i].to(k.dtype), k], dim=2)
                 cache.values[i] = torch.cat([cache.values[i].to(v.dtype), v], dim=2)
             else:

@@ -1,12 +1,13 @@
 """The PyTorch reference as a tower executor over the runtime's preallocated cache.
 
-Rows of equal length run together; each group reads a ``TowerCache`` view of its valid prefix
-and the new entries are written back. Slow by design: it is the ground truth backend.
+Every row of a step runs in one batch, whatever its cache length, as the step graphs and
+engines run them: the view pads each row's past to the longest and tells attention where each
+row's own past ends (``TowerCache.valid``); the new entries are written back at each row's own
+positions. Rows that must wait for each other's lengths to line up would make a step's cost
+depend on when its requests happened to arrive. Slow by design: it is the ground truth backend.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import torch
 
@@ -16,24 +17,32 @@ from ..reference.model import TwoTowerModel
 from .cache import StepCache
 
 
-def _groups(cache: StepCache) -> dict[int, list[int]]:
-    groups: dict[int, list[int]] = defaultdict(list)
-    for row, length in enumerate(cache.lengths.tolist()):
-        groups[length].append(row)
-    return groups
-
-
-def _view(model: TwoTowerModel, cache: StepCache, rows: list[int], length: int,
-          device: torch.device) -> TowerCache:
-    index = torch.tensor(rows, device=cache.device)
+def _view(model: TwoTowerModel, cache: StepCache, device: torch.device) -> TowerCache:
+    """All rows as one reference cache, the past padded to the longest row; ``valid`` only
+    when lengths differ (equal lengths take the reference's own unmasked path)."""
+    lengths = cache.lengths
+    longest = int(lengths.max()) if cache.batch else 0
+    ragged = bool((lengths != longest).any())
     c, t = model.config, cache.tensors
-    pick = lambda name: t[name].index_select(0, index).to(device)  # noqa: E731
     return TowerCache(
-        keys={i: pick(names.past_key(i))[:, :, :length] for i in c.attention_layers},
-        values={i: pick(names.past_value(i))[:, :, :length] for i in c.attention_layers},
-        conv={i: pick(names.conv_state(i)) for i in c.mamba_layers},
-        ssm={i: pick(names.ssm_state(i)) for i in c.mamba_layers},
-        length=length)
+        keys={i: t[names.past_key(i)][:, :, :longest].to(device) for i in c.attention_layers},
+        values={i: t[names.past_value(i)][:, :, :longest].to(device)
+                for i in c.attention_layers},
+        conv={i: t[names.conv_state(i)].to(device) for i in c.mamba_layers},
+        ssm={i: t[names.ssm_state(i)].to(device) for i in c.mamba_layers},
+        length=longest, valid=lengths.to(device) if ragged else None)
+
+
+def _write_new(pool: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor) -> None:
+    """New keys or values [B, H, T, D] into each row's positions lengths[b] .. + T."""
+    tokens = new.shape[2]
+    if bool((lengths == lengths[0]).all()):
+        start = int(lengths[0])
+        pool[:, :, start:start + tokens] = new.to(pool.device)
+        return
+    rows = torch.arange(pool.shape[0], device=pool.device)[:, None]
+    positions = lengths.to(pool.device)[:, None] + torch.arange(tokens, device=pool.device)
+    pool[rows, :, positions] = new.to(pool.device).permute(0, 2, 1, 3)
 
 
 class TorchContextExecutor:
@@ -45,21 +54,16 @@ class TorchContextExecutor:
     def context_step(self, input_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
         tokens = input_ids.shape[1]
         cache.check_room(tokens)
-        logits = torch.empty(cache.batch, self.model.config.vocab_size)
         c = self.model.config
-        for length, rows in _groups(cache).items():
-            view = _view(self.model, cache, rows, length, self.device)
-            index = torch.tensor(rows, device=cache.device)
-            out = self.model.context_step(input_ids[rows].to(self.device), view)
-            logits[rows] = out.cpu()
-            for i in c.attention_layers:
-                for name, new in ((names.past_key(i), view.keys[i]),
-                                  (names.past_value(i), view.values[i])):
-                    cache.tensors[name][index, :, length:length + tokens] = \
-                        new[:, :, length:].to(cache.device)
-            for i in c.mamba_layers:
-                cache.tensors[names.conv_state(i)][index] = view.conv[i].to(cache.device)
-                cache.tensors[names.ssm_state(i)][index] = view.ssm[i].to(cache.device)
+        view = _view(self.model, cache, self.device)
+        logits = self.model.context_step(input_ids.to(self.device), view).cpu()
+        for i in c.attention_layers:  # the view's keys are [padded past | new]
+            for name, keys in ((names.past_key(i), view.keys[i]),
+                               (names.past_value(i), view.values[i])):
+                _write_new(cache.tensors[name], keys[:, :, -tokens:], cache.lengths)
+        for i in c.mamba_layers:
+            cache.tensors[names.conv_state(i)].copy_(view.conv[i])
+            cache.tensors[names.ssm_state(i)].copy_(view.ssm[i])
         cache.lengths += tokens
         return logits
 
@@ -72,18 +76,11 @@ class TorchDenoiserExecutor:
     @torch.no_grad()
     def denoiser_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache
                       ) -> torch.Tensor:
-        shape = (*block_ids.shape, self.model.config.vocab_size)
-        logits = torch.empty(shape)
-        for length, rows in _groups(cache).items():
-            view = _view(self.model, cache, rows, length, self.device)
-            logits[rows] = self.model.denoiser_step(block_ids[rows].to(self.device),
-                                                    t[rows].to(self.device), view).cpu()
-        return logits
+        view = _view(self.model, cache, self.device)
+        return self.model.denoiser_step(block_ids.to(self.device), t.to(self.device),
+                                        view).cpu()
 
     @torch.no_grad()
     def mock_ar_step(self, token_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
-        logits = torch.empty(cache.batch, self.model.config.vocab_size)
-        for length, rows in _groups(cache).items():
-            view = _view(self.model, cache, rows, length, self.device)
-            logits[rows] = self.model.mock_ar_step(token_ids[rows].to(self.device), view).cpu()
-        return logits
+        view = _view(self.model, cache, self.device)
+        return self.model.mock_ar_step(token_ids.to(self.device), view).cpu()
