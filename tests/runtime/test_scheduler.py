@@ -157,8 +157,8 @@ def test_an_executor_failure_reaches_its_requests_and_the_loop_goes_on(tiny_mode
 
 def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_go_on(tiny_model):
     """With a prompt-token budget of 4 per round, a 40-token prompt takes 10 rounds, and a
-    short AR request admitted with it produces a token in each of them."""
-    session = _session(tiny_model, limits=SchedulerLimits(prefill_tokens=4))
+    short AR request admitted with it produces a token in each of them (one per round)."""
+    session = _session(tiny_model, limits=SchedulerLimits(prefill_tokens=4, ar_steps=1))
     tokens_at_round = []
     scheduler = session.scheduler
     short = Request([5], GenerationSettings(mode="ar", max_new_tokens=8, stop_at_eos=False),
@@ -241,3 +241,68 @@ def test_logprobs_are_refused_outside_ar_mode():
             GenerationSettings(mode=mode, logprobs=1)
     with pytest.raises(GenerationError, match=r"logprobs must lie in \[0, 20\]"):
         GenerationSettings(mode="ar", logprobs=21)
+
+
+def _ar_requests(config, logprobs=None, stop_at_eos=False):
+    gen = torch.Generator().manual_seed(7)
+    return [Request(torch.randint(4, config.vocab_size, (1 + i % 5,), generator=gen).tolist(),
+                    GenerationSettings(mode="ar", max_new_tokens=5 + 3 * i,
+                                       temperature=(0.0, 0.8)[i % 2], top_k=(None, 20)[i % 2],
+                                       seed=30 + i, logprobs=logprobs, stop_at_eos=stop_at_eos))
+            for i in range(6)]
+
+
+def test_ar_rows_chain_tokens_in_the_tower_and_keep_their_tokens_and_scores(tiny_model):
+    """With ar_steps 4 an AR round yields up to 4 tokens per row (streamed as one delta),
+    budgets that are not multiples of 4 are met exactly, and tokens and logprobs equal the
+    one-token-per-round loop's."""
+    one = _session(tiny_model, limits=SchedulerLimits(ar_steps=1)).generate(
+        _ar_requests(tiny_model.config, logprobs=2))
+    deltas = []
+    requests = _ar_requests(tiny_model.config, logprobs=2)
+    for request in requests:
+        request.on_delta = lambda ids, seen=[]: deltas.append(len(ids))
+    session = _session(tiny_model, limits=SchedulerLimits(ar_steps=4))
+    chained = session.generate(requests)
+    for a, b, request in zip(one, chained, requests):
+        assert b.tokens == a.tokens and len(b.tokens) == request.settings.max_new_tokens
+        assert b.logprobs == a.logprobs and len(b.logprobs) == len(b.tokens)
+        assert b.stats.context_steps == a.stats.context_steps
+    assert max(deltas) == 4 and sum(deltas) == sum(len(r.tokens) for r in one)
+    longest = max(r.settings.max_new_tokens for r in requests)
+    assert session.scheduler.rounds <= 2 + -(-longest // 4), "a round took one token per row"
+
+
+def test_a_chain_stops_at_eos_inside_the_tower(tiny_model):
+    """EOS drawn mid-chain ends the row there: the same tokens and the same number of
+    context steps as one token per round (a tower that ran on past EOS would count more)."""
+    import dataclasses
+
+    free = _session(tiny_model, limits=SchedulerLimits(ar_steps=1)).generate(
+        _ar_requests(tiny_model.config))
+    eos = free[-1].tokens[6]   # a token the longest row draws mid-way
+    config = dataclasses.replace(tiny_model.config, eos_token_id=eos)
+
+    def run(steps):
+        return TwoTowerSession(TorchContextExecutor(tiny_model),
+                               TorchDenoiserExecutor(tiny_model), config, MAX_CONTEXT,
+                               limits=SchedulerLimits(ar_steps=steps)).generate(
+            _ar_requests(config, stop_at_eos=True))
+    one, chained = run(1), run(4)
+    assert any(len(r.tokens) < q.settings.max_new_tokens and r.tokens[-1] == eos
+               for r, q in zip(one, _ar_requests(config)))
+    for a, b in zip(one, chained):
+        assert b.tokens == a.tokens
+        assert b.stats.context_steps == a.stats.context_steps
+
+
+def test_ar_rows_take_one_token_per_round_while_diffusion_rows_wait(tiny_model):
+    """A chained context call would hold back the diffusion rows: while one is live, AR rows
+    take one token per round."""
+    deltas = []
+    ar = Request([5, 6, 7], GenerationSettings(mode="ar", max_new_tokens=12, stop_at_eos=False),
+                 lambda ids: deltas.append(len(ids)))
+    diffusion = Request([8, 9], GenerationSettings(max_new_tokens=24, block_size=4,
+                                                   steps_per_block=4, stop_at_eos=False))
+    _session(tiny_model, limits=SchedulerLimits(ar_steps=4)).generate([ar, diffusion])
+    assert set(deltas) == {1}

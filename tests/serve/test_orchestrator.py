@@ -281,6 +281,10 @@ def test_a_round_without_the_secret_is_refused_and_stats_show_counts_only(towers
     (lambda i: i.update(row_owner=np.array([], dtype=np.object_)), "differ in length"),
     (lambda i: i.update(op=np.array([b"extend"], dtype=np.object_)), "unknown op 'extend'"),
     (lambda i: i.update(sample=np.array([b"{oops"], dtype=np.object_)), "settings must be"),
+    (lambda i: i.update(chain=np.array([1, 1], np.int64)), "chain has 2 values, expected 1"),
+    (lambda i: i.update(chain=np.array([0], np.int64)), "chain must be at least 1"),
+    (lambda i: i.update(chain=np.array([3], np.int64), mirror=np.array([True])),
+     "and 1 for a row the denoiser mirrors"),
 ])
 def test_malformed_round_tensors_are_one_clear_error(towers, change, needle):
     context, _ = towers

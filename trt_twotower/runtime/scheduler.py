@@ -84,9 +84,13 @@ class SchedulerLimits:
 
     capacity: int = 64               # cache slots: rows live at once, per tower
     prefill_tokens: int = 256        # prompt tokens pushed through the context tower per round
+    # AR tokens a row takes per round when every live row is AR: the context tower
+    # feeds each sampled token back itself, so calls, answers and round trips per token drop
+    # by this factor; streamed a round's tokens at a time
+    ar_steps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("capacity", "prefill_tokens"):
+        for name in ("capacity", "prefill_tokens", "ar_steps"):
             if getattr(self, name) < 1:
                 raise GenerationError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -109,8 +113,8 @@ class Row:
         self.block_index = self.step_in_block = self.step = 0
         self.commit: Optional[torch.Tensor] = None    # a resolved block to push next round
         self.token: Optional[int] = None              # a token to push next round
-        self.sampled: Optional[int] = None            # AR: the context tower's next token
-        self.sampled_score: Optional[TokenScore] = None
+        self.sampled: list[int] = []                  # AR: the context tower's next tokens
+        self.sampled_scores: list[TokenScore] = []
         self.cancel_requested = False
 
     @property
@@ -131,22 +135,25 @@ class Row:
         """Echo with logprobs: each prompt token after the first is scored."""
         return self.settings.echo and self.settings.logprobs is not None
 
-    def next_sample(self) -> Optional[Sample]:
-        """AR rows ask the context tower for their next token with each step."""
-        return Sample(self.settings, self.step) if self.settings.mode == "ar" else None
+    def next_sample(self, chain: int = 1) -> Optional[Sample]:
+        """AR rows ask the context tower for their next token with each step (up to
+        ``chain`` of them, never past their budget)."""
+        if self.settings.mode != "ar":
+            return None
+        left = self.settings.max_new_tokens - len(self.result.tokens)
+        return Sample(self.settings, self.step, chain=max(1, min(chain, left)))
 
     def charge(self, phase: str, seconds: float) -> None:
         stats = self.result.stats
         setattr(stats, phase, getattr(stats, phase) + seconds)
 
-    def emit(self, ids: list[int], eos: int, score: Optional[TokenScore] = None) -> None:
+    def emit(self, ids: list[int], eos: int, scores: list[TokenScore] = ()) -> None:
         """Keep ids (within budget, through EOS), stream them, finish on EOS, budget or a
-        cancelling callback. ``score``: the one AR token's, kept with it."""
+        cancelling callback. ``scores``: the AR tokens' own, kept with them."""
         result = self.result
         ids, done = policy.accept_tokens(len(result.tokens), ids, self.settings, eos)
         result.tokens.extend(ids)
-        if score is not None and ids:
-            result.logprobs.append(score)
+        result.logprobs.extend(scores[:len(ids)])
         on_delta = self.request.on_delta
         if on_delta is not None and ids and on_delta(ids) is False:
             result.cancelled = done = True
@@ -236,7 +243,10 @@ class StepScheduler:
                 row.result.cancelled, row.phase = True, FINISHED
         live = [r for r in self.rows if r.phase != FINISHED]
         by_ref = {r.ref: r for r in self.rows}
-        work, prefilling = self._context_work(live)
+        # AR rows chain tokens only in rounds of AR rows alone: a longer context call would
+        # hold back every diffusion and mock-AR row (in it, or waiting on the round's end)
+        alone = all(r.settings.mode == "ar" for r in live)
+        work, prefilling = self._context_work(live, self.limits.ar_steps if alone else 1)
         work.opened = [r.ref for r in admitted]
         pushing = {ref for group in work.groups for ref in group.rows}
         denoise = [r for r in live if r.phase == DENOISE and r.ref not in pushing]
@@ -271,9 +281,9 @@ class StepScheduler:
         self._took_context_step(work, result, prefilling, by_ref)
         self._carried = result.deltas
         for row in served:
-            if row.sampled is not None:
-                token, row.sampled = row.sampled, None
-                self._emit_token(row, token, row.sampled_score)
+            if row.sampled:
+                tokens, row.sampled = row.sampled, []
+                self._emit_tokens(row, tokens, row.sampled_scores)
 
     def _drop_finished(self) -> None:
         kept, freed = [], []
@@ -288,10 +298,10 @@ class StepScheduler:
         self.towers.settle(self.idle)
 
     # --- the context call ------------------------------------------------------------------
-    def _context_work(self, live: list[Row]) -> tuple[ContextWork, list[Row]]:
+    def _context_work(self, live: list[Row], chain: int) -> tuple[ContextWork, list[Row]]:
         """Prefill chunks (one group per row: lengths differ), then each block size's
-        commits, then every T = 1 token; returns the work and the rows whose prompt it
-        completes."""
+        commits, then every T = 1 token (AR rows taking up to ``chain`` tokens); returns the
+        work and the rows whose prompt it completes."""
         work, prefilling, budget = ContextWork(), [], self.limits.prefill_tokens
         for row in (r for r in live if r.phase == PREFILL):
             if budget <= 0:
@@ -315,7 +325,7 @@ class StepScheduler:
         tokens = [r for r in live if r.token is not None]
         if tokens:
             work.groups.append(_group(tokens, torch.tensor([[r.token] for r in tokens]),
-                                      sample=True, keep_previous=True))
+                                      sample=True, keep_previous=True, chain=chain))
         return work, prefilling
 
     @staticmethod
@@ -338,14 +348,14 @@ class StepScheduler:
     def _took_context_step(self, work: ContextWork, result: ContextResult,
                            prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
         for group, sampled, scored in zip(work.groups, result.tokens, result.scores):
-            for ref, token, score, sample in zip(group.rows, sampled, scored, group.sample):
+            for ref, taken, scores, sample in zip(group.rows, sampled, scored, group.sample):
                 row = by_ref[ref]
-                row.result.stats.context_steps += 1
+                row.result.stats.context_steps += max(1, len(taken))
                 row.commit = row.token = None
                 if sample is not None and sample.target is not None:
-                    row.result.prompt_logprobs.append(score)
-                elif token is not None:
-                    row.sampled, row.sampled_score = token, score
+                    row.result.prompt_logprobs.extend(scores)
+                elif taken:
+                    row.sampled, row.sampled_scores = taken, scores
         for row in prefilling:
             row.phase = DENOISE if row.diffusion else SAMPLE
 
@@ -385,15 +395,16 @@ class StepScheduler:
                 row.block = torch.full_like(row.block, mask_id)
         for row, token in zip(mock, tokens):
             row.result.stats.denoiser_evals += 1
-            self._emit_token(row, token)
+            self._emit_tokens(row, [token])
 
-    def _emit_token(self, row: Row, token: int, score: Optional[TokenScore] = None) -> None:
-        """An AR or mock-AR token: kept, streamed, and pushed through the context tower next
-        round unless the row is finished."""
-        row.emit([token], self.config.eos_token_id, score)
+    def _emit_tokens(self, row: Row, tokens: list[int], scores: list[TokenScore] = ()
+                     ) -> None:
+        """AR or mock-AR tokens: kept, streamed as one delta, and the last pushed through the
+        context tower next round unless the row is finished."""
+        row.emit(tokens, self.config.eos_token_id, scores)
         if row.phase != FINISHED:
-            row.latest, row.step = token, row.step + 1
-            row.token = token
+            row.latest, row.step = tokens[-1], row.step + len(tokens)
+            row.token = tokens[-1]
 
 
 def _share(rows: list[Row], crossed: int) -> None:
@@ -403,10 +414,10 @@ def _share(rows: list[Row], crossed: int) -> None:
 
 
 def _group(rows: list[Row], ids: torch.Tensor, sample: bool = False,
-           keep_previous: bool = False) -> ExtendGroup:
+           keep_previous: bool = False, chain: int = 1) -> ExtendGroup:
     return ExtendGroup([r.ref for r in rows], ids, [r.mirrored for r in rows],
                        [keep_previous and r.mock for r in rows],
-                       [r.next_sample() if sample else None for r in rows])
+                       [r.next_sample(chain) if sample else None for r in rows])
 
 
 def _groups(rows: list[Row], key: Callable[[Row], object]) -> list[list[Row]]:

@@ -67,29 +67,55 @@ class ContextSlots:
     def __init__(self, executor: ContextExecutor, config: TwoTowerConfig, capacity: int,
                  max_context: int, dtype: torch.dtype) -> None:
         self.executor = executor
+        self.eos = config.eos_token_id
         self.pool = StepCache.allocate(config, capacity, max_context, dtype, executor.device)
 
     def empty(self, slot: int) -> None:
         _empty(self.pool, slot)
 
     def extend(self, slots: list[int], ids: torch.Tensor, sample: list[Optional[Sample]]
-               ) -> tuple[list[Optional[int]], list[Optional[TokenScore]], list[int]]:
-        """One step of ids [R, T] over ``slots``; returns each row's next token (sampled, or
-        its target; None where it asks none) with its score where its settings ask for
-        logprobs, and its length before the step (where its delta starts)."""
+               ) -> tuple[list[list[int]], list[list[TokenScore]], list[int]]:
+        """One step of ids [R, T] over ``slots``, then one-token steps for the rows whose
+        ``Sample`` chains, each fed its own last token (AR decoding without a round trip per
+        token). Returns per row the tokens taken (sampled, or its target; none where it asks
+        none), their scores where its settings ask for logprobs, and its length before the
+        first step (where its delta starts)."""
         cache = gather(self.pool, slots)
         before = cache.lengths.tolist()
         logits = self.executor.context_step(ids, cache)
         scatter(self.pool, slots, cache)
-        tokens, scores = [], []
-        for i, s in enumerate(sample):
-            token = None if s is None else s.target if s.target is not None else \
-                _sample(logits[i:i + 1], s.settings, s.step_key)
-            tokens.append(token)
-            wanted = s is not None and s.settings.logprobs is not None
-            scores.append(policy.score_token(logits[i], token, s.settings.logprobs)
-                          if wanted else None)
-        return tokens, scores, before
+        tokens: list[list[int]] = [[] for _ in slots]
+        scores: list[list[TokenScore]] = [[] for _ in slots]
+        rows = list(range(len(slots)))
+        while True:
+            self._take(logits, rows, sample, tokens, scores)
+            rows = [i for i in rows if self._chains(sample[i], tokens[i])]
+            if not rows:
+                return tokens, scores, before
+            cache = gather(self.pool, [slots[i] for i in rows])
+            logits = self.executor.context_step(torch.tensor([[tokens[i][-1]] for i in rows]),
+                                                cache)
+            scatter(self.pool, [slots[i] for i in rows], cache)
+
+    @staticmethod
+    def _take(logits: torch.Tensor, rows: list[int], sample: list[Optional[Sample]],
+              tokens: list[list[int]], scores: list[list[TokenScore]]) -> None:
+        """Each row's next token from its logits (row j of ``logits`` is row rows[j])."""
+        for j, i in enumerate(rows):
+            s = sample[i]
+            if s is None:
+                continue
+            token = s.target if s.target is not None else \
+                _sample(logits[j:j + 1], s.settings, s.step_key + len(tokens[i]))
+            tokens[i].append(token)
+            if s.settings.logprobs is not None:
+                scores[i].append(policy.score_token(logits[j], token, s.settings.logprobs))
+
+    def _chains(self, sample: Optional[Sample], taken: list[int]) -> bool:
+        """Whether a row takes another token in this call."""
+        if sample is None or len(taken) >= sample.chain:
+            return False
+        return not (sample.settings.stop_at_eos and taken[-1] == self.eos)
 
     def delta(self, slot: int, old_length: int) -> np.ndarray:
         """What the denoiser's copy of ``slot`` needs since it held ``old_length``."""

@@ -29,10 +29,13 @@ Ref = Hashable
 class Sample:
     """Sample the next token from a row's logits by its settings and step key (AR); or, with
     a ``target``, take that token (a prompt's next one). Either is scored when the settings
-    ask for logprobs."""
+    ask for logprobs. ``chain`` > 1 (AR rows only): push each sampled token back in the same
+    call and sample again, up to ``chain`` tokens with step keys step_key, step_key + 1, ...,
+    stopping after EOS where the settings stop there."""
     settings: GenerationSettings
     step_key: int
     target: Optional[int] = None
+    chain: int = 1
 
 
 @dataclass
@@ -71,8 +74,8 @@ class ContextWork:
 
 @dataclass
 class ContextResult:
-    tokens: list[list[Optional[int]]]             # per group, per row: next token or None
-    scores: list[list[Optional[TokenScore]]]      # per group, per row, where logprobs asked
+    tokens: list[list[list[int]]]                 # per group, per row: the tokens taken
+    scores: list[list[list[TokenScore]]]          # per group, per row: theirs, where asked
     deltas: list[Delta]                           # in group order, for the mirroring rows
     crossed: int = 0                              # bytes the call moved between processes
     seconds: float = 0.0                          # how long the call took

@@ -116,7 +116,7 @@ class RemoteTowers:
         return contexted, denoised
 
     def _context(self, work: ContextWork) -> ContextResult:
-        outputs = ["token", "cache_delta", "score"] if work.groups else []
+        outputs = ["token", "token_count", "cache_delta", "score"] if work.groups else []
         start = time.perf_counter()
         out, crossed = self._send(CONTEXT_MODEL, encode_context(work, self.secret), outputs)
         result = decode_context_result(work, out)

@@ -134,7 +134,8 @@ def encode_context(work: ContextWork, secret: str) -> dict[str, np.ndarray]:
             sample=_texts(["" if s is None else settings_to_json(s.settings) for s in sample]),
             step_key=_ints([0 if s is None else s.step_key for s in sample]),
             target=_ints([NO_TOKEN if s is None or s.target is None else s.target
-                          for s in sample]))
+                          for s in sample]),
+            chain=_ints([1 if s is None else s.chain for s in sample]))
     return inputs
 
 
@@ -152,14 +153,26 @@ def _score(text: bytes) -> Optional[TokenScore]:
 
 
 def decode_context_result(work: ContextWork, outputs: dict[str, np.ndarray]) -> ContextResult:
+    """Each row's tokens (``token_count`` of them, in row order in ``token``) and their
+    scores (one ``score`` per token, empty where none was asked)."""
     tokens = outputs["token"].reshape(-1).tolist() if work.groups else []
+    counts = outputs["token_count"].reshape(-1).tolist() if work.groups else []
     deltas = outputs["cache_delta"].reshape(-1) if work.groups else []
     scores = outputs["score"].reshape(-1).tolist() if work.groups else []
-    per_group, per_group_scores, at, mirrored, keep = [], [], 0, [], []
+    rows = sum(len(g.rows) for g in work.groups)
+    if len(counts) != rows or sum(counts) != len(tokens) or len(scores) != len(tokens):
+        raise TowerRequestError(f"the context tower sent {len(tokens)} tokens, {len(scores)} "
+                                f"scores and {len(counts)} counts for {rows} rows")
+    per_group, per_group_scores, at, row, mirrored, keep = [], [], 0, 0, [], []
     for g in work.groups:
-        per_group.append([None if t == NO_TOKEN else int(t) for t in tokens[at:at + len(g.rows)]])
-        per_group_scores.append([_score(x) for x in scores[at:at + len(g.rows)]])
-        at += len(g.rows)
+        taken, scored = [], []
+        for count in counts[row:row + len(g.rows)]:
+            taken.append([int(t) for t in tokens[at:at + count]])
+            scored.append([x for x in map(_score, scores[at:at + count]) if x is not None])
+            at += count
+        per_group.append(taken)
+        per_group_scores.append(scored)
+        row += len(g.rows)
         mirrored += [k for k, m in zip(g.rows, g.mirror) if m]
         keep += [kp for kp, m in zip(g.keep_previous, g.mirror) if m]
     if len(deltas) != len(mirrored):
@@ -216,11 +229,18 @@ def _context_work(inputs: Inputs) -> ContextWork:
     groups = _groups(inputs, len(rows))
     mirror, samples = _get(inputs, "mirror"), _get(inputs, "sample")
     keys, targets = _get(inputs, "step_key"), _get(inputs, "target")
+    chains = _get(inputs, "chain") if inputs.get("chain") is not None else \
+        np.ones(len(rows), dtype=np.int64)
     for name, value in (("mirror", mirror), ("sample", samples), ("step_key", keys),
-                        ("target", targets)):
+                        ("target", targets), ("chain", chains)):
         _need_length(name, value, len(rows))
-    sample = [Sample(settings_from_json(_text(s)), int(k), None if t == NO_TOKEN else int(t))
-              if _text(s) else None for s, k, t in zip(samples, keys, targets)]
+    if chains.size and (chains.min() < 1 or chains[mirror.astype(bool)].max(initial=1) > 1
+                        or chains[targets != NO_TOKEN].max(initial=1) > 1):
+        raise TowerRequestError("chain must be at least 1, and 1 for a row the denoiser "
+                                "mirrors or one given a target")
+    sample = [Sample(settings_from_json(_text(s)), int(k), None if t == NO_TOKEN else int(t),
+                     int(c))
+              if _text(s) else None for s, k, t, c in zip(samples, keys, targets, chains)]
     return ContextWork(_read_keys(inputs, "open"),
                        [ExtendGroup(rows[at], ids, [bool(m) for m in mirror[at]],
                                     [False] * ids.shape[0], sample[at])
@@ -272,11 +292,14 @@ def handle(tower: Union[ContextTower, DenoiserTower], inputs: Inputs, secret: st
     _authorize(inputs, secret)
     if isinstance(tower, ContextTower):
         result = tower.round(_context_work(inputs))
-        tokens = [NO_TOKEN if t is None else t for group in result.tokens for t in group]
-        return {"token": _ints(tokens),
+        rows = [(taken, scored) for group, scores in zip(result.tokens, result.scores)
+                for taken, scored in zip(group, scores)]
+        return {"token": _ints([t for taken, _ in rows for t in taken]),
+                "token_count": _ints([len(taken) for taken, _ in rows]),
                 "cache_delta": np.array([d.payload.tobytes() for d in result.deltas],
                                         dtype=np.object_),
-                "score": np.array([_score_json(x) for group in result.scores for x in group],
+                "score": np.array([_score_json(x) for taken, scored in rows
+                                   for x in (scored or [None] * len(taken))],
                                   dtype=np.object_)}
     result = tower.round(_denoiser_work(inputs))
     blocks = torch.cat([b.reshape(-1) for b in result.blocks]) if result.blocks else \

@@ -19,7 +19,7 @@ INPUTS = ("op", "tower_secret", "open_id", "open_owner", "release_id", "release_
           "row_id", "row_owner", "group_rows", "group_width", "input_ids", "mirror", "sample",
           "step_key", "delta_id", "delta_owner", "cache_delta", "keep_previous", "settings",
           "steps_left", "mock_id", "mock_owner", "mock_latest", "mock_settings",
-          "mock_step_key", "target")
+          "mock_step_key", "target", "chain")
 
 
 def error_message(err: Exception) -> str:
