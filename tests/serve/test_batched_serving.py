@@ -109,6 +109,19 @@ def test_a_request_arriving_mid_batch_does_not_wait_for_the_batch(server):
     assert waited < 10.0, f"the short request took {waited:.1f} s behind the batch"
 
 
+def test_ar_tokens_chain_in_the_context_tower_and_stream_a_round_at_a_time(server, solo):
+    """The server's rounds of AR requests alone take --ar-steps (default 4) tokens each: the
+    stream carries them 4 at a time (the first comes with the prompt), the same tokens."""
+    from trt_twotower.serve.client import stream_generate
+
+    s = GenerationSettings(mode="ar", max_new_tokens=10, temperature=0.7, seed=5,
+                           stop_at_eos=False)
+    blocks = [ids for ids, _, _ in stream_generate(server.grpc_url, [5, 6, 7], s, True, 120.0)
+              if ids]
+    assert [len(ids) for ids in blocks] == [1, 4, 4, 1]
+    assert sum(blocks, []) == solo([5, 6, 7], s)
+
+
 def test_a_cancel_frees_both_towers_within_a_second(server):
     from trt_twotower.serve.client import stream_generate
     for mode in ("diffusion", "mock-ar", "ar"):

@@ -48,6 +48,11 @@ def test_capacity_must_give_every_orchestrator_instance_a_slot(tmp_path):
     with pytest.raises(RepositoryError, match="capacity 1 for 2 instances"):
         repository_values("builtin", "torch", tmp_path, "cpu", "cpu", 64, 8, "16",
                           capacity=1, bls_instances=2)
+    assert repository_values("builtin", "torch", tmp_path, "cpu", "cpu", 64, 8, "16",
+                             ar_steps=2)["AR_STEPS"] == "2"
+    with pytest.raises(RepositoryError, match="ar_steps must be at least 1, got 0"):
+        repository_values("builtin", "torch", tmp_path, "cpu", "cpu", 64, 8, "16",
+                          ar_steps=0)
 
 
 def test_towers_sharing_the_cpu_split_its_cores(monkeypatch):

@@ -129,6 +129,10 @@ def usable_work_dir(work_dir: Optional[Path]) -> Path:
 @click.option("--prefill-tokens", type=click.IntRange(min=1), default=256, show_default=True,
               help="Prompt tokens one scheduler round pushes through the context tower (a "
                    "long prompt takes several rounds and never stalls the others).")
+@click.option("--ar-steps", type=click.IntRange(min=1), default=4, show_default=True,
+              help="AR tokens a request takes per scheduler round while only AR requests "
+                   "run: the context tower feeds each token back itself (fewer calls and "
+                   "answers per token; streamed that many tokens at a time).")
 @click.option("--max-waiting", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Requests that may wait for a free slot; past them the server answers "
                    "busy at once.")
@@ -150,8 +154,8 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
                   denoiser_device: str, address: str, grpc_port: int, http_port: int,
                   metrics_port: int, max_context: Optional[int], dtype: str, max_tokens: int,
                   block_sizes: tuple[int, ...],
-                  capacity: int, bls_instances: int, prefill_tokens: int, max_waiting: int,
-                  cpu_threads: Optional[int],
+                  capacity: int, bls_instances: int, prefill_tokens: int, ar_steps: int,
+                  max_waiting: int, cpu_threads: Optional[int],
                   work_dir: Optional[Path], openai_port: int, no_openai: bool,
                   api_key: Optional[str], served_model_name: str) -> None:
     """Render the model repository for a model and run a real tritonserver until Ctrl-C,
@@ -169,7 +173,7 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
         repo = render(work / "model_repository", repository_values(
             source, backend, tokenizer_dir, context_device, denoiser_device, max_context,
             max_tokens, ",".join(map(str, block_sizes)), capacity, bls_instances, dtype,
-            cpu_threads, prefill_tokens, max_waiting))
+            cpu_threads, prefill_tokens, max_waiting, ar_steps))
     except RepositoryError as err:
         raise click.ClickException(str(err)) from None
     with signals_interrupt():

@@ -91,10 +91,12 @@ def repository_values(source: str, backend: str, tokenizer_dir: Path, context_de
                       denoiser_device: str, max_context: int, max_tokens: int,
                       block_sizes: str, capacity: int = 64, bls_instances: int = 1,
                       dtype: str = "auto", cpu_threads: Optional[int] = None,
-                      prefill_tokens: int = 256, max_waiting: int = 1024) -> dict[str, str]:
+                      prefill_tokens: int = 256, max_waiting: int = 1024,
+                      ar_steps: int = 4) -> dict[str, str]:
     """Every template value of the repository, from the serve options. ``capacity`` is the
     towers' sequence slots, shared by the orchestrator's instances (each runs one step loop
-    over its share). ``prefill_tokens``: prompt tokens a round pushes; ``max_waiting``:
+    over its share). ``prefill_tokens``: prompt tokens a round pushes; ``ar_steps``: AR
+    tokens a row takes per round when every live row is AR; ``max_waiting``:
     requests that may wait for a slot before the server answers busy. ``cpu_threads``:
     PyTorch threads per tower process (0 = PyTorch's default); by default two towers on the
     CPU split its cores, which leaves the orchestrator and the network threads room (measured
@@ -103,7 +105,8 @@ def repository_values(source: str, backend: str, tokenizer_dir: Path, context_de
         raise RepositoryError(f"need at least one orchestrator instance and a capacity of at "
                               f"least one request per instance (got capacity {capacity} for "
                               f"{bls_instances} instances)")
-    for name, value in (("prefill_tokens", prefill_tokens), ("max_waiting", max_waiting)):
+    for name, value in (("prefill_tokens", prefill_tokens), ("max_waiting", max_waiting),
+                        ("ar_steps", ar_steps)):
         if value < 1:
             raise RepositoryError(f"{name} must be at least 1, got {value}")
     return {"SOURCE": source, "BACKEND": backend,
@@ -114,7 +117,8 @@ def repository_values(source: str, backend: str, tokenizer_dir: Path, context_de
             "BLOCK_SIZES": block_sizes, "CAPACITY": str(capacity),
             "BLS_INSTANCES": str(bls_instances), "DTYPE": dtype,
             "CPU_THREADS": str(tower_threads(context_device, denoiser_device, cpu_threads)),
-            "PREFILL_TOKENS": str(prefill_tokens), "MAX_WAITING": str(max_waiting)}
+            "PREFILL_TOKENS": str(prefill_tokens), "MAX_WAITING": str(max_waiting),
+            "AR_STEPS": str(ar_steps)}
 
 
 def tower_threads(context_device: str, denoiser_device: str, asked: Optional[int]) -> int:

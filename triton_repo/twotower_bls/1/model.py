@@ -76,7 +76,8 @@ class TritonPythonModel:
         self.limits = ServiceLimits(int(params["max_context"]), int(params["max_tokens"]),
                                     tuple(int(b) for b in params["block_sizes"].split(",")))
         capacity = int(params["capacity"]) // int(params["instances"])
-        loop = SchedulerLimits(capacity=capacity, prefill_tokens=int(params["prefill_tokens"]))
+        loop = SchedulerLimits(capacity=capacity, prefill_tokens=int(params["prefill_tokens"]),
+                               ar_steps=int(params["ar_steps"]))
         self.orchestrator = Orchestrator(
             bls_call(pb_utils), tower_secret(args["model_repository"]),
             source_config(params["source"], params["backend"]), self.limits.max_context,
