@@ -80,6 +80,11 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
               help="--serve, --load: numbers of concurrent clients.")
 @click.option("--rates", type=NumberList(float, 1e-3, 1e6), default="4,16", show_default=True,
               help="--load, --serve: Poisson arrival rates (requests/s).")
+@click.option("--requests-per-client", type=click.IntRange(min=1), default=2,
+              show_default=True,
+              help="--load, --serve: requests each closed-loop client sends in turn (longer "
+                   "runs weigh less on the ramp-up and the tail); Poisson loads send twice "
+                   "the largest --clients.")
 @click.option("--cpu-threads", type=click.IntRange(min=1),
               help="--load, --serve: PyTorch threads of the in-process engine and of each "
                    "Triton tower, the same for both so that the paths compare like with like "
@@ -94,7 +99,8 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
                   batch_sizes: tuple[int, ...], forced_commits: tuple[int, ...],
                   max_new_tokens: int, prompt_length: int, device: str, dtype: str, seed: int,
                   serve: bool, load: bool, clients: tuple[int, ...],
-                  rates: tuple[float, ...], cpu_threads: Optional[int], out: Path) -> None:
+                  rates: tuple[float, ...], requests_per_client: int,
+                  cpu_threads: Optional[int], out: Path) -> None:
     """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
     block size, steps per block and batch size; distinct MoE experts per denoiser step
     (torch backend). Prints a table, writes OUT/bench.csv and OUT/bench.png.
@@ -117,7 +123,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
         return _load_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
                            list(clients), list(rates), prompt_length, max_new_tokens,
                            thresholds[0], forced_commits[0] if forced_commits else 4, seed,
-                           serve, cpu_threads, out)
+                           serve, requests_per_client, cpu_threads, out)
     batches = list(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -139,8 +145,8 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
 def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend: str,
                 build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
                 rates: list[float], prompt_length: int, max_new_tokens: int, gamma: float,
-                forced: int, seed: int, serve: bool, cpu_threads: Optional[int],
-                out: Path) -> None:
+                forced: int, seed: int, serve: bool, requests_per_client: int,
+                cpu_threads: Optional[int], out: Path) -> None:
     """Each case on its own warmed engine, every load in turn (runtime/load_benchmark.py);
     with ``serve`` each load also through one Triton server that serves every case, its
     towers with as many PyTorch threads as the in-process engine."""
@@ -189,7 +195,8 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
             targets.append(stack.enter_context(_served(
                 checkpoint, preset_name, build_dir, backend, dtype, max_context, max_new_tokens,
                 max(clients), cpu_threads, Path(scratch))))
-        rows = run_load(targets, prompts, cases, clients, rates, requests_per_client=2,
+        rows = run_load(targets, prompts, cases, clients, rates,
+                        requests_per_client=requests_per_client,
                         poisson_requests=2 * max(clients),
                         progress=lambda row: click.echo(
                             f"  {row.path}, {row.label}, {row.load}: "
