@@ -6,7 +6,8 @@ import pytest
 
 from trt_twotower.policy import GenerationSettings
 from trt_twotower.runtime.load_benchmark import (SessionTarget, closed_loop, format_load,
-                                                 percentile, plot_load, poisson)
+                                                 median_run, percentile, plot_load, poisson,
+                                                 run_load)
 from trt_twotower.runtime.session import TwoTowerSession
 from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoiserExecutor
 
@@ -35,3 +36,36 @@ def test_closed_loop_and_poisson_runs_send_every_request_and_time_each_block(tin
     assert plot_load([loop, arrivals], tmp_path / "load.png").stat().st_size > 1000
     table = format_load([loop, arrivals])
     assert "| diffusion | 3 clients | 7 |" in table and "Poisson 200/s" in table
+
+
+def test_repeated_loads_keep_each_paths_median_run_and_its_ratio(tiny_model):
+    """Two in-process engines stand for two paths; with three turns each, a path's row is the
+    run with its median tokens/s among the three reported, and the ratio is of those two."""
+    import contextlib
+
+    settings = GenerationSettings(max_new_tokens=4, block_size=4, steps_per_block=2,
+                                  stop_at_eos=False)
+
+    def engine(name):
+        @contextlib.contextmanager
+        def opened():
+            with TwoTowerSession(TorchContextExecutor(tiny_model),
+                                 TorchDenoiserExecutor(tiny_model), tiny_model.config,
+                                 32) as session:
+                target = SessionTarget(session)
+                target.name = name
+                yield target
+        return opened
+    reported = []
+    rows = run_load([engine("in-process"), engine("other")], [[5, 6, 7]],
+                    [("diffusion", settings)], [2], [], requests_per_client=2,
+                    poisson_requests=2, progress=reported.append, repeats=3)
+    assert [r.path for r in reported] == ["in-process", "other"] * 3
+    assert [r.path for r in rows] == ["in-process", "other"]
+    for row in rows:
+        speeds = sorted(r.tokens_per_second for r in reported if r.path == row.path)
+        assert row.tokens_per_second == speeds[1] and row in reported
+    assert rows[1].ratio == pytest.approx(rows[1].tokens_per_second /
+                                          rows[0].tokens_per_second)
+    assert median_run(reported[:2]).tokens_per_second == min(
+        r.tokens_per_second for r in reported[:2])

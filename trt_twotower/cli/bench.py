@@ -85,6 +85,9 @@ def held_out_prompts(tokenizer, count: int, length: int, vocab: int, seed: int
               help="--load, --serve: requests each closed-loop client sends in turn (longer "
                    "runs weigh less on the ramp-up and the tail); Poisson loads send twice "
                    "the largest --clients.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--load, --serve: runs of each load per path, the paths taking turns; "
+                   "the table keeps each path's median run.")
 @click.option("--cpu-threads", type=click.IntRange(min=1),
               help="--load, --serve: PyTorch threads of the in-process engine and of each "
                    "Triton tower, the same for both so that the paths compare like with like "
@@ -99,7 +102,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
                   batch_sizes: tuple[int, ...], forced_commits: tuple[int, ...],
                   max_new_tokens: int, prompt_length: int, device: str, dtype: str, seed: int,
                   serve: bool, load: bool, clients: tuple[int, ...],
-                  rates: tuple[float, ...], requests_per_client: int,
+                  rates: tuple[float, ...], requests_per_client: int, repeats: int,
                   cpu_threads: Optional[int], out: Path) -> None:
     """Tokens/s of mask diffusion against AR on the same backend and device, sweeping γ,
     block size, steps per block and batch size; distinct MoE experts per denoiser step
@@ -123,7 +126,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
         return _load_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
                            list(clients), list(rates), prompt_length, max_new_tokens,
                            thresholds[0], forced_commits[0] if forced_commits else 4, seed,
-                           serve, requests_per_client, cpu_threads, out)
+                           serve, requests_per_client, repeats, cpu_threads, out)
     batches = list(batch_sizes)
     with tempfile.TemporaryDirectory(prefix="trt-twotower-") as scratch:
         opened = open_backend(backend, checkpoint, preset_name, build_dir, dtype, device,
@@ -146,7 +149,7 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
                 build_dir: Optional[Path], dtype: str, device: str, clients: list[int],
                 rates: list[float], prompt_length: int, max_new_tokens: int, gamma: float,
                 forced: int, seed: int, serve: bool, requests_per_client: int,
-                cpu_threads: Optional[int], out: Path) -> None:
+                repeats: int, cpu_threads: Optional[int], out: Path) -> None:
     """Each case on its own warmed engine, every load in turn (runtime/load_benchmark.py);
     with ``serve`` each load also through one Triton server that serves every case, its
     towers with as many PyTorch threads as the in-process engine."""
@@ -197,7 +200,7 @@ def _load_bench(checkpoint: Optional[Path], preset_name: Optional[str], backend:
                 max(clients), cpu_threads, Path(scratch))))
         rows = run_load(targets, prompts, cases, clients, rates,
                         requests_per_client=requests_per_client,
-                        poisson_requests=2 * max(clients),
+                        poisson_requests=2 * max(clients), repeats=repeats,
                         progress=lambda row: click.echo(
                             f"  {row.path}, {row.label}, {row.load}: "
                             f"{row.record()['tokens_per_s']} tok/s"))

@@ -178,31 +178,40 @@ TargetFactory = Callable[[], ContextManager[Target]]
 def run_load(targets: list[TargetFactory], prompts: list[list[int]],
              cases: list[tuple[str, GenerationSettings]], clients: list[int],
              rates: list[float], requests_per_client: int, poisson_requests: int,
-             progress: Callable[[LoadRow], None] = lambda row: None) -> list[LoadRow]:
+             progress: Callable[[LoadRow], None] = lambda row: None,
+             repeats: int = 1) -> list[LoadRow]:
     """Every case under every load on every target in turn, each run after a warm-up
-    request; a served row gets its ratio to the first target's row of the same load."""
+    request; a served row gets its ratio to the first target's row of the same load. With
+    ``repeats`` > 1 the targets take turns that many times and each path keeps its median run
+    (by tokens/s), so that a drift of the machine during one run weighs less."""
     rows = []
     loads = [(closed_loop, count, count * requests_per_client) for count in clients] + \
             [(poisson, rate, poisson_requests) for rate in rates]
     for label, settings in cases:
         for run, amount, total in loads:
-            first = None
-            for open_target in targets:
-                with open_target() as target:
-                    target.start(prompts[0], settings, lambda ids: None)()
-                    counted = hasattr(target, "boundary_bytes")
-                    if counted:
-                        target.boundary_bytes = 0
-                    row = run(target, prompts, settings, amount, total, label)
-                    if counted:
-                        row.boundary_bytes = target.boundary_bytes
-                if first is None:
-                    first = row
-                else:
-                    row.ratio = row.tokens_per_second / first.tokens_per_second
-                rows.append(row)
-                progress(row)
+            runs: list[list[LoadRow]] = [[] for _ in targets]
+            for _ in range(repeats):
+                for index, open_target in enumerate(targets):
+                    with open_target() as target:
+                        target.start(prompts[0], settings, lambda ids: None)()
+                        counted = hasattr(target, "boundary_bytes")
+                        if counted:
+                            target.boundary_bytes = 0
+                        row = run(target, prompts, settings, amount, total, label)
+                        if counted:
+                            row.boundary_bytes = target.boundary_bytes
+                    runs[index].append(row)
+                    progress(row)
+            kept = [median_run(path_runs) for path_runs in runs]
+            for row in kept[1:]:
+                row.ratio = row.tokens_per_second / kept[0].tokens_per_second
+            rows.extend(kept)
     return rows
+
+
+def median_run(runs: list[LoadRow]) -> LoadRow:
+    """The run with the median tokens/s (the lower middle of an even count)."""
+    return sorted(runs, key=lambda row: row.tokens_per_second)[(len(runs) - 1) // 2]
 
 
 def format_load(rows: list[LoadRow]) -> str:
