@@ -306,3 +306,27 @@ def test_ar_rows_take_one_token_per_round_while_diffusion_rows_wait(tiny_model):
                                                    steps_per_block=4, stop_at_eos=False))
     _session(tiny_model, limits=SchedulerLimits(ar_steps=4)).generate([ar, diffusion])
     assert set(deltas) == {1}
+
+
+def test_towers_on_two_devices_run_a_rounds_calls_at_once_with_the_same_tokens(tiny_model):
+    """LocalTowers runs the context call on a helper thread while the denoiser call runs
+    when its towers are on two devices (forced here on the CPU): the same tokens as calls in
+    turn. On one device (the default here) the context steps stay on the loop's thread."""
+    from trt_twotower.runtime.local_towers import LocalTowers
+
+    def run(at_once):
+        context = TorchContextExecutor(tiny_model)
+        threads = []
+        step = context.context_step
+        context.context_step = lambda *a: (threads.append(threading.current_thread().name),
+                                           step(*a))[1]
+        towers = LocalTowers(context, TorchDenoiserExecutor(tiny_model), tiny_model.config,
+                             64, MAX_CONTEXT, at_once=at_once)
+        with TwoTowerSession.over(towers, tiny_model.config, MAX_CONTEXT) as session:
+            results = session.generate(_mixed_requests(tiny_model.config, 12))
+        return [r.tokens for r in results], set(threads)
+    in_turn, turn_threads = run(None)
+    at_once, once_threads = run(True)
+    assert at_once == in_turn
+    assert not any(t.startswith("context-call") for t in turn_threads)
+    assert any(t.startswith("context-call") for t in once_threads)

@@ -3,7 +3,8 @@
 A row is a slot number that names it in both pools (the context tower's on its device, the
 denoiser's copy on its own), taken when the loop admits it and given back the moment it
 finishes. The pools are allocated on the first round, once. A context step's delta is copied
-into the denoiser's pool at once, tensor to tensor, never packed.
+into the denoiser's pool at once, tensor to tensor, never packed. Towers on two devices run a
+round's two calls at the same time (they serve disjoint rows); on one device, in turn.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ import torch
 from ..config import TwoTowerConfig
 from .executor import ContextExecutor, DenoiserExecutor
 from .slot_towers import ContextSlots, DenoiserSlots
-from .tower_work import (ContextResult, ContextWork, Delta, DenoiserResult, DenoiserWork,
-                         Ref)
+from .tower_work import (CallsAtOnce, ContextResult, ContextWork, Delta, DenoiserResult,
+                         DenoiserWork, Ref)
 
 
 class LocalTowers:
+    """``at_once``: run a round's two calls at the same time (default: when the executors
+    are on different devices; one device runs one call at a time)."""
+
     def __init__(self, context: ContextExecutor, denoiser: DenoiserExecutor,
                  config: TwoTowerConfig, capacity: int, max_context: int,
-                 dtype: torch.dtype = torch.float32, fused_unmask: bool = False) -> None:
+                 dtype: torch.dtype = torch.float32, fused_unmask: bool = False,
+                 at_once: Optional[bool] = None) -> None:
         self.context_executor, self.denoiser_executor = context, denoiser
+        apart = torch.device(context.device) != torch.device(denoiser.device)
+        self._at_once = CallsAtOnce() if (apart if at_once is None else at_once) else None
         self.config, self.capacity, self.max_context, self.dtype = (config, capacity,
                                                                     max_context, dtype)
         self.fused_unmask = fused_unmask and hasattr(denoiser, "denoiser_unmask_step")
@@ -33,6 +40,10 @@ class LocalTowers:
 
     @property
     def slots(self) -> tuple[ContextSlots, DenoiserSlots]:
+        return self.allocate()
+
+    def allocate(self) -> tuple[ContextSlots, DenoiserSlots]:
+        """Both pools, allocated on first use (once: a round's two calls may run at once)."""
         if self._slots is None:
             self._slots = (ContextSlots(self.context_executor, self.config, self.capacity,
                                         self.max_context, self.dtype),
@@ -54,19 +65,16 @@ class LocalTowers:
 
     def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
             ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
-        """The context call, then the denoiser's, on this thread: one process drives both
-        devices, and a context call's deltas are copied into the denoiser's pool as it goes
-        (into rows the denoiser call does not touch)."""
-        results = []
-        for work, call in ((context, self.context), (denoiser, self.denoiser)):
-            if work is None:
-                results.append(None)
-                continue
-            start = time.perf_counter()
-            result = call(work)
-            result.seconds = time.perf_counter() - start
-            results.append(result)
-        return results[0], results[1]
+        """The context call and the denoiser's: at once when the towers are on two devices,
+        else in turn. A context call's deltas are copied into the denoiser's pool as it goes,
+        into rows the denoiser call does not touch (on a GPU the copy and the denoiser's
+        kernels share the denoiser device's stream)."""
+        self.allocate()
+        calls = [None if work is None else (lambda w=work, c=call: _timed(c, w))
+                 for work, call in ((context, self.context), (denoiser, self.denoiser))]
+        if self._at_once is not None and None not in calls:
+            return self._at_once.run(*calls)
+        return tuple(None if call is None else call() for call in calls)
 
     def context(self, work: ContextWork) -> ContextResult:
         """Opening empties a slot in both pools; each step's delta lands in the denoiser's
@@ -99,3 +107,11 @@ class LocalTowers:
         tokens = [] if mock is None else denoiser.mock_ar(mock.rows, mock.latest,
                                                           mock.settings, mock.step_keys)
         return DenoiserResult(blocks, tokens)
+
+
+def _timed(call, work):
+    """A call's result with its time."""
+    start = time.perf_counter()
+    result = call(work)
+    result.seconds = time.perf_counter() - start
+    return result

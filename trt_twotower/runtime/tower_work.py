@@ -15,14 +15,17 @@ random sequence key in Triton); the loop never looks inside one.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Optional, Protocol
+from typing import Any, Callable, Hashable, Optional, Protocol, TypeVar
 
 import torch
 
 from ..policy import GenerationSettings, TokenScore
 
 Ref = Hashable
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 @dataclass(frozen=True)
@@ -147,3 +150,23 @@ class TowerPair(Protocol):
     def forget(self) -> None:
         """After a failed round: free every row (what the towers still hold is gone)."""
         ...
+
+
+class CallsAtOnce:
+    """A round's two calls at the same time, for a pair whose towers live apart (two devices,
+    two processes): the context call on a helper thread, the denoiser call on the caller's.
+    Both are waited for, whichever fails; the context call's error is raised first."""
+
+    def __init__(self) -> None:
+        self._helper: Optional[ThreadPoolExecutor] = None
+
+    def run(self, context_call: Callable[[], A], denoiser_call: Callable[[], B]
+            ) -> tuple[A, B]:
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="context-call")
+        pending = self._helper.submit(context_call)
+        try:
+            denoised = denoiser_call()
+        finally:
+            contexted = pending.result()
+        return contexted, denoised

@@ -12,14 +12,13 @@ boundaries.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..errors import TwoTowerError
-from ..runtime.tower_work import (ContextResult, ContextWork, DenoiserResult, DenoiserWork,
-                                  Ref)
+from ..runtime.tower_work import (CallsAtOnce, ContextResult, ContextWork, DenoiserResult,
+                                  DenoiserWork, Ref)
 from .repository import CONTEXT_MODEL, DENOISER_MODEL
 from .tower_requests import (decode_context_result, decode_denoiser_result, denoiser_outputs,
                              encode_context, encode_denoiser, handle)
@@ -76,7 +75,7 @@ class RemoteTowers:
         self.open: dict[SequenceKey, bool] = {}    # open sequences: mirrored on the denoiser?
         self.pending: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
         self.waited: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
-        self._helper: Optional[ThreadPoolExecutor] = None
+        self._at_once = CallsAtOnce()
 
     def new_ref(self) -> Ref:
         return SequenceKey.new()
@@ -106,14 +105,8 @@ class RemoteTowers:
         if context is None or denoiser is None:
             return ((None if context is None else self._context(context)),
                     (None if denoiser is None else self._denoiser(denoiser)))
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="context-call")
-        pending = self._helper.submit(self._context, context)
-        try:
-            denoised = self._denoiser(denoiser)
-        finally:
-            contexted = pending.result()   # waits for it even when the denoiser failed
-        return contexted, denoised
+        return self._at_once.run(lambda: self._context(context),
+                                 lambda: self._denoiser(denoiser))
 
     def _context(self, work: ContextWork) -> ContextResult:
         outputs = ["token", "token_count", "cache_delta", "score"] if work.groups else []
