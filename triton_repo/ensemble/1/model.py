@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from trt_twotower.serve.client import CLOSE_GRACE_S, close_stream
 from trt_twotower.serve.hosting import server_grpc_url
 
 ORCHESTRATOR = "twotower_bls"
@@ -25,7 +26,7 @@ SETTINGS = ("max_tokens", "stream", "temperature", "top_k", "top_p", "mode", "bl
             "steps_per_block", "confidence_threshold", "seed")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_SECONDS = 0.1  # how often a request waiting for a block looks for its cancellation
-SHUTDOWN_SECONDS = 20.0
+SHUTDOWN_SECONDS = 10.0  # within the server's exit timeout (serve/server.py: 15 s)
 
 
 def _parent_argv():
@@ -99,9 +100,8 @@ class TritonPythonModel:
             finished = self._relay(answers, sender)
         except InferenceServerException as err:
             _error(sender, err.message() or str(err))
-        finally:
-            client.stop_stream(cancel_requests=not finished)
-            client.close()
+        finally:  # a graceful close that a stopping server never answers is cut short
+            close_stream(client, CLOSE_GRACE_S if finished else None)
 
     def _relay(self, answers, sender):
         """Pass each block on as text until the orchestrator's final response (True), or

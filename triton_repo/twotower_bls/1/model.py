@@ -21,7 +21,7 @@ SCALARS = ("max_tokens", "stream", "temperature", "top_k", "top_p", "mode", "blo
            "steps_per_block", "confidence_threshold", "seed", "forced_commits", "ignore_eos",
            "logprobs", "echo")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-SHUTDOWN_SECONDS = 20.0
+SHUTDOWN_SECONDS = 10.0  # within the server's exit timeout (serve/server.py: 15 s)
 
 
 def _scalar(request, name):
