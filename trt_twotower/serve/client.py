@@ -162,6 +162,9 @@ def stream_generate(url: str, prompt: Union[str, list[int]], settings: Generatio
         except InferenceServerException:
             pass  # the stream has already failed: its cause is the next thing in `responses`
         finished = yield from _responses(responses, url, timeout, cancel_after_blocks)
+    except _Answered as answered:
+        finished = True  # the server's error was the request's last answer: nothing to cancel
+        raise answered.error from None
     except InferenceServerException as err:
         raise client_error(url, err) from None
     finally:
@@ -179,7 +182,7 @@ def _responses(responses: "queue.Queue", url: str, timeout: float,
         except queue.Empty:
             raise ClientError(f"no response from {url} within {timeout:g} s") from None
         if error is not None:
-            raise client_error(url, error)
+            raise _Answered(client_error(url, error))
         final, ids, text, stats = response_parts(result)
         if ids is not None and (len(ids) or not final):
             yield ids, text, stats
@@ -205,6 +208,17 @@ def response_parts(result) -> tuple[bool, Optional[list[int]], str, dict]:
     text = result.as_numpy("text_output")
     return (final, None if ids is None else ids.tolist(),
             text[0].decode() if text is not None and ids is not None else "", stats)
+
+
+class _Answered(Exception):
+    """The server ended the request with an error: its stream closes gracefully, since
+    cancelling a request that already had its final answer leaves Triton's Python backend
+    holding it (measured: the ensemble model then never unloaded, and the server outlived its
+    exit timeout)."""
+
+    def __init__(self, error: ClientError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def client_error(url: str, error: "InferenceServerException") -> ClientError:
