@@ -9,7 +9,6 @@ round's two calls at the same time (they serve disjoint rows); on one device, in
 
 from __future__ import annotations
 
-import time
 from typing import Optional
 
 import torch
@@ -17,8 +16,8 @@ import torch
 from ..config import TwoTowerConfig
 from .executor import ContextExecutor, DenoiserExecutor
 from .slot_towers import ContextSlots, DenoiserSlots
-from .tower_work import (CallsAtOnce, ContextResult, ContextWork, Delta, DenoiserResult,
-                         DenoiserWork, Ref)
+from .tower_work import (ContextResult, ContextWork, Delta, DenoiserResult, DenoiserWork,
+                         Ref, RoundCalls)
 
 
 class LocalTowers:
@@ -31,7 +30,7 @@ class LocalTowers:
                  at_once: Optional[bool] = None) -> None:
         self.context_executor, self.denoiser_executor = context, denoiser
         apart = torch.device(context.device) != torch.device(denoiser.device)
-        self._at_once = CallsAtOnce() if (apart if at_once is None else at_once) else None
+        self._calls = RoundCalls(apart if at_once is None else at_once)
         self.config, self.capacity, self.max_context, self.dtype = (config, capacity,
                                                                     max_context, dtype)
         self.fused_unmask = fused_unmask and hasattr(denoiser, "denoiser_unmask_step")
@@ -70,11 +69,8 @@ class LocalTowers:
         into rows the denoiser call does not touch (on a GPU the copy and the denoiser's
         kernels share the denoiser device's stream)."""
         self.allocate()
-        calls = [None if work is None else (lambda w=work, c=call: _timed(c, w))
-                 for work, call in ((context, self.context), (denoiser, self.denoiser))]
-        if self._at_once is not None and None not in calls:
-            return self._at_once.run(*calls)
-        return tuple(None if call is None else call() for call in calls)
+        return self._calls.run(None if context is None else lambda: self.context(context),
+                               None if denoiser is None else lambda: self.denoiser(denoiser))
 
     def context(self, work: ContextWork) -> ContextResult:
         """Opening empties a slot in both pools; each step's delta lands in the denoiser's
@@ -107,11 +103,3 @@ class LocalTowers:
         tokens = [] if mock is None else denoiser.mock_ar(mock.rows, mock.latest,
                                                           mock.settings, mock.step_keys)
         return DenoiserResult(blocks, tokens)
-
-
-def _timed(call, work):
-    """A call's result with its time."""
-    start = time.perf_counter()
-    result = call(work)
-    result.seconds = time.perf_counter() - start
-    return result

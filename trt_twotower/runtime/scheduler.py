@@ -258,7 +258,7 @@ class StepScheduler:
                              mock=self._mock_group(mock))
         result, dresult = self.towers.run(None if work.empty else work,
                                           None if dwork.empty else dwork)
-        self._carried = []
+        self._carried = [] if result is None else result.deltas
         if result is not None:
             self._took_context_call(work, result, prefilling, by_ref)
         if dresult is not None:
@@ -272,14 +272,13 @@ class StepScheduler:
     def _took_context_call(self, work: ContextWork, result: ContextResult,
                            prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
         """The context call's time and bytes charged to the rows it served, its tokens
-        emitted; its deltas wait for the next denoiser call."""
+        emitted."""
         served = list({ref: by_ref[ref] for g in work.groups for ref in g.rows}.values())
         for row in served:
             row.charge("prefill_seconds" if row.phase == PREFILL else "commit_seconds",
                        result.seconds)
         _share(served, result.crossed)
         self._took_context_step(work, result, prefilling, by_ref)
-        self._carried = result.deltas
         for row in served:
             if row.sampled:
                 tokens, row.sampled = row.sampled, []

@@ -92,10 +92,11 @@ class ContextSlots:
             rows = [i for i in rows if self._chains(sample[i], tokens[i])]
             if not rows:
                 return tokens, scores, before
-            cache = gather(self.pool, [slots[i] for i in rows])
+            going = [slots[i] for i in rows]
+            cache = gather(self.pool, going)
             logits = self.executor.context_step(torch.tensor([[tokens[i][-1]] for i in rows]),
                                                 cache)
-            scatter(self.pool, [slots[i] for i in rows], cache)
+            scatter(self.pool, going, cache)
 
     @staticmethod
     def _take(logits: torch.Tensor, rows: list[int], sample: list[Optional[Sample]],

@@ -33,10 +33,12 @@ def _view(model: TwoTowerModel, cache: StepCache, device: torch.device) -> Tower
         length=longest, valid=lengths.to(device) if ragged else None)
 
 
-def _write_new(pool: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor) -> None:
-    """New keys or values [B, H, T, D] into each row's positions lengths[b] .. + T."""
+def _write_new(pool: torch.Tensor, new: torch.Tensor, lengths: torch.Tensor,
+               ragged: bool) -> None:
+    """New keys or values [B, H, T, D] into each row's positions lengths[b] .. + T (one
+    slice when the rows were not ragged: every length is the same)."""
     tokens = new.shape[2]
-    if bool((lengths == lengths[0]).all()):
+    if not ragged:
         start = int(lengths[0])
         pool[:, :, start:start + tokens] = new.to(pool.device)
         return
@@ -56,11 +58,12 @@ class TorchContextExecutor:
         cache.check_room(tokens)
         c = self.model.config
         view = _view(self.model, cache, self.device)
+        ragged = view.valid is not None
         logits = self.model.context_step(input_ids.to(self.device), view).cpu()
         for i in c.attention_layers:  # the view's keys are [padded past | new]
             for name, keys in ((names.past_key(i), view.keys[i]),
                                (names.past_value(i), view.values[i])):
-                _write_new(cache.tensors[name], keys[:, :, -tokens:], cache.lengths)
+                _write_new(cache.tensors[name], keys[:, :, -tokens:], cache.lengths, ragged)
         for i in c.mamba_layers:
             cache.tensors[names.conv_state(i)].copy_(view.conv[i])
             cache.tensors[names.ssm_state(i)].copy_(view.ssm[i])

@@ -15,17 +15,16 @@ random sequence key in Triton); the loop never looks inside one.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional, Protocol, TypeVar
+from typing import Any, Callable, Hashable, Optional, Protocol, Union
 
 import torch
 
 from ..policy import GenerationSettings, TokenScore
 
 Ref = Hashable
-A = TypeVar("A")
-B = TypeVar("B")
 
 
 @dataclass(frozen=True)
@@ -152,21 +151,39 @@ class TowerPair(Protocol):
         ...
 
 
-class CallsAtOnce:
-    """A round's two calls at the same time, for a pair whose towers live apart (two devices,
-    two processes): the context call on a helper thread, the denoiser call on the caller's.
-    Both are waited for, whichever fails; the context call's error is raised first."""
+class RoundCalls:
+    """Runs a round's two calls (either may be absent) and times each result. ``at_once``,
+    for a pair whose towers live apart (two devices, two processes): the context call on a
+    helper thread while the denoiser call runs on the caller's; both are waited for,
+    whichever fails, and the context call's error is raised first. Otherwise in turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_once: bool) -> None:
+        self.at_once = at_once
         self._helper: Optional[ThreadPoolExecutor] = None
 
-    def run(self, context_call: Callable[[], A], denoiser_call: Callable[[], B]
-            ) -> tuple[A, B]:
+    def run(self, context_call: Optional[Callable[[], ContextResult]],
+            denoiser_call: Optional[Callable[[], DenoiserResult]]
+            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
+        if not self.at_once or context_call is None or denoiser_call is None:
+            return _timed(context_call), _timed(denoiser_call)
         if self._helper is None:
             self._helper = ThreadPoolExecutor(1, thread_name_prefix="context-call")
-        pending = self._helper.submit(context_call)
+        pending = self._helper.submit(_timed, context_call)
         try:
-            denoised = denoiser_call()
+            denoised = _timed(denoiser_call)
         finally:
             contexted = pending.result()
         return contexted, denoised
+
+
+Result = Union[ContextResult, DenoiserResult]
+
+
+def _timed(call: Optional[Callable[[], Result]]) -> Optional[Result]:
+    """The call's result (None when there is no call) with its time in ``seconds``."""
+    if call is None:
+        return None
+    start = time.perf_counter()
+    result = call()
+    result.seconds = time.perf_counter() - start
+    return result

@@ -11,14 +11,13 @@ boundaries.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..errors import TwoTowerError
-from ..runtime.tower_work import (CallsAtOnce, ContextResult, ContextWork, DenoiserResult,
-                                  DenoiserWork, Ref)
+from ..runtime.tower_work import (ContextResult, ContextWork, DenoiserResult, DenoiserWork,
+                                  Ref, RoundCalls)
 from .repository import CONTEXT_MODEL, DENOISER_MODEL
 from .tower_requests import (decode_context_result, decode_denoiser_result, denoiser_outputs,
                              encode_context, encode_denoiser, handle)
@@ -75,7 +74,7 @@ class RemoteTowers:
         self.open: dict[SequenceKey, bool] = {}    # open sequences: mirrored on the denoiser?
         self.pending: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
         self.waited: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
-        self._at_once = CallsAtOnce()
+        self._calls = RoundCalls(at_once=True)
 
     def new_ref(self) -> Ref:
         return SequenceKey.new()
@@ -102,26 +101,21 @@ class RemoteTowers:
             denoiser.released = self._releases(DENOISER_MODEL)
             for key in denoiser.opened:
                 self.open[key] = True
-        if context is None or denoiser is None:
-            return ((None if context is None else self._context(context)),
-                    (None if denoiser is None else self._denoiser(denoiser)))
-        return self._at_once.run(lambda: self._context(context),
-                                 lambda: self._denoiser(denoiser))
+        return self._calls.run(None if context is None else lambda: self._context(context),
+                               None if denoiser is None else lambda: self._denoiser(denoiser))
 
     def _context(self, work: ContextWork) -> ContextResult:
         outputs = ["token", "token_count", "cache_delta", "score"] if work.groups else []
-        start = time.perf_counter()
         out, crossed = self._send(CONTEXT_MODEL, encode_context(work, self.secret), outputs)
         result = decode_context_result(work, out)
-        result.crossed, result.seconds = crossed, time.perf_counter() - start
+        result.crossed = crossed
         return result
 
     def _denoiser(self, work: DenoiserWork) -> DenoiserResult:
-        start = time.perf_counter()
         out, crossed = self._send(DENOISER_MODEL, encode_denoiser(work, self.secret),
                                   denoiser_outputs(work))
         result = decode_denoiser_result(work, out)
-        result.crossed, result.seconds = crossed, time.perf_counter() - start
+        result.crossed = crossed
         return result
 
     def release(self, refs: list[tuple[Ref, bool]]) -> None:
