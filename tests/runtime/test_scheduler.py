@@ -328,5 +328,5 @@ def test_towers_on_two_devices_run_a_rounds_calls_at_once_with_the_same_tokens(t
     in_turn, turn_threads = run(None)
     at_once, once_threads = run(True)
     assert at_once == in_turn
-    assert not any(t.startswith("context-call") for t in turn_threads)
-    assert any(t.startswith("context-call") for t in once_threads)
+    assert not any(t.startswith("tower-call") for t in turn_threads)
+    assert any(t.startswith("tower-call") for t in once_threads)

@@ -17,12 +17,17 @@ from ..config import TwoTowerConfig
 from .executor import ContextExecutor, DenoiserExecutor
 from .slot_towers import ContextSlots, DenoiserSlots
 from .tower_work import (ContextResult, ContextWork, Delta, DenoiserResult, DenoiserWork,
-                         Ref, RoundCalls)
+                         PendingRound, Ref, RoundCalls)
 
 
 class LocalTowers:
     """``at_once``: run a round's two calls at the same time (default: when the executors
-    are on different devices; one device runs one call at a time)."""
+    are on different devices; one device runs one call at a time).
+
+    Calls run before ``start`` returns (``ahead`` is False): there is no round trip to hide
+    in one process, and a call written ahead would only hold back the last one's tokens."""
+
+    ahead = False
 
     def __init__(self, context: ContextExecutor, denoiser: DenoiserExecutor,
                  config: TwoTowerConfig, capacity: int, max_context: int,
@@ -62,14 +67,14 @@ class LocalTowers:
     def forget(self) -> None:
         self.free = list(range(self.capacity - 1, -1, -1))
 
-    def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
-            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
+    def start(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
+              ) -> PendingRound:
         """The context call and the denoiser's: at once when the towers are on two devices,
         else in turn. A context call's deltas are copied into the denoiser's pool as it goes,
         into rows the denoiser call does not touch (on a GPU the copy and the denoiser's
         kernels share the denoiser device's stream)."""
         self.allocate()
-        return self._calls.run(None if context is None else lambda: self.context(context),
+        return self._calls.start(None if context is None else lambda: self.context(context),
                                None if denoiser is None else lambda: self.denoiser(denoiser))
 
     def context(self, work: ContextWork) -> ContextResult:

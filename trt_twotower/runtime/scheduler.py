@@ -29,8 +29,9 @@ from .. import policy
 from ..config import TwoTowerConfig
 from ..policy import GenerationError, GenerationSettings, TokenScore
 from .cache import CacheFullError
-from .tower_work import (ContextResult, ContextWork, Delta, DenoiseGroup, DenoiserWork,
-                         ExtendGroup, MockGroup, Ref, Sample, TowerPair)
+from .tower_work import (FROM_TOWER, ContextResult, ContextWork, Delta, DenoiseGroup,
+                         DenoiserWork, ExtendGroup, MockGroup, PendingRound, Ref, Sample,
+                         TowerPair)
 
 # A streaming callback gets each committed block's ids (a token at a time in AR modes);
 # returning False cancels the request.
@@ -112,7 +113,9 @@ class Row:
         self.block = torch.full((self.settings.block_size,), mask_id, dtype=torch.long)
         self.block_index = self.step_in_block = self.step = 0
         self.commit: Optional[torch.Tensor] = None    # a resolved block to push next round
-        self.token: Optional[int] = None              # a token to push next round
+        self.token: Optional[int] = None              # a token to push next round (AR rows:
+        #                                               FROM_TOWER, the one sampled there)
+        self.requested = 0                            # AR: tokens asked of the context tower
         self.sampled: list[int] = []                  # AR: the context tower's next tokens
         self.sampled_scores: list[TokenScore] = []
         self.cancel_requested = False
@@ -135,13 +138,23 @@ class Row:
         """Echo with logprobs: each prompt token after the first is scored."""
         return self.settings.echo and self.settings.logprobs is not None
 
-    def next_sample(self, chain: int = 1) -> Optional[Sample]:
+    def claim_sample(self, chain: int = 1) -> Optional[Sample]:
         """AR rows ask the context tower for their next token with each step (up to
-        ``chain`` of them, never past their budget)."""
+        ``chain`` of them, never past their budget); the step keys are claimed as the call
+        is written, so the next call can be written before this one's answer is back."""
         if self.settings.mode != "ar":
             return None
-        left = self.settings.max_new_tokens - len(self.result.tokens)
-        return Sample(self.settings, self.step, chain=max(1, min(chain, left)))
+        count = max(1, min(chain, self.settings.max_new_tokens - self.requested))
+        sample = Sample(self.settings, self.step, chain=count)
+        self.step, self.requested = self.step + count, self.requested + count
+        return sample
+
+    @property
+    def wants_token(self) -> bool:
+        """A token to push, and (AR) tokens still to ask for: an AR row whose last tokens
+        are under way waits for them."""
+        return self.token is not None and (
+            self.settings.mode != "ar" or self.requested < self.settings.max_new_tokens)
 
     def charge(self, phase: str, seconds: float) -> None:
         stats = self.result.stats
@@ -162,6 +175,18 @@ class Row:
 
 
 
+@dataclass
+class _Flight:
+    """A round's calls, under way, and what the loop needs to take their answers."""
+    pending: PendingRound
+    work: ContextWork
+    dwork: DenoiserWork
+    prefilling: list[Row]
+    denoise: list[Row]
+    mock: list[Row]
+    by_ref: dict[Ref, Row]
+
+
 class StepScheduler:
     """The loop's state and its rounds. Not thread-safe: one thread drives ``round`` (the
     in-process engine's worker, the Triton orchestrator's, or ``run`` for a fixed batch)."""
@@ -174,6 +199,7 @@ class StepScheduler:
         self.waiting: list[Row] = []
         self.rows: list[Row] = []
         self._carried: list[Delta] = []   # the last context call's deltas, for the denoiser
+        self._flight: Optional[_Flight] = None   # a round under way, its answers not taken
         self.rounds = 0
 
     # --- admission -----------------------------------------------------------------------
@@ -201,6 +227,12 @@ class StepScheduler:
 
     def reset(self) -> None:
         """Forget every row (after a failed round): the towers free what they still hold."""
+        if self._flight is not None:
+            try:
+                self._flight.pending.result()
+            except Exception:  # noqa: BLE001 - the round's own error is the one reported
+                pass
+            self._flight = None
         for row in self.waiting + self.rows:
             row.phase = FINISHED
         self.waiting, self.rows, self._carried = [], [], []
@@ -208,7 +240,7 @@ class StepScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.rows
+        return not self.waiting and not self.rows and self._flight is None
 
     def run(self) -> None:
         """Rounds until every queued request has finished."""
@@ -229,23 +261,45 @@ class StepScheduler:
 
     # --- one round -------------------------------------------------------------------------
     def round(self) -> None:
-        """Admit; write both calls; run them (at once where the towers live apart); emit AR
-        tokens, blocks and mock-AR tokens; free the rows that finished.
+        """Admit; write both calls and start them (at once where the towers live apart);
+        take their answers: emit AR tokens, blocks and mock-AR tokens; free the rows that
+        finished.
 
         The two calls of a round touch disjoint rows, so neither waits for the other: the
         context call takes the rows that must push something (a prompt chunk, a resolved
         block, a sampled token) and the denoiser call the rows that need nothing pushed, with
         the deltas of the last round's context call. A row whose block resolves therefore
-        spends one round in the context tower alone before its next block starts."""
+        spends one round in the context tower alone before its next block starts.
+
+        Rounds of AR rows alone over towers that run calls in order (``ahead``) overlap: a
+        round's call starts before the last round's answers are taken, since an AR row's
+        next input is the token the tower sampled for it (``FROM_TOWER``) and its step keys
+        and budget are claimed as a call is written. The tower computes while the loop takes
+        the last answers, streams them and writes the next call."""
         admitted = self._admit()
         for row in self.rows:
             if row.cancel_requested and row.phase != FINISHED:
                 row.result.cancelled, row.phase = True, FINISHED
         live = [r for r in self.rows if r.phase != FINISHED]
+        alone = all(r.settings.mode == "ar" for r in live)
+        ahead = self.towers.ahead and bool(live) and alone
+        if self._flight is not None and not ahead:
+            flight, self._flight = self._flight, None
+            self._land(flight)
+            live = [r for r in live if r.phase != FINISHED]
+        flight = self._write(live, admitted, alone)
+        if ahead:
+            flight, self._flight = self._flight, flight
+        if flight is not None:
+            self._land(flight)
+        self._drop_finished()
+        self.rounds += 1
+
+    def _write(self, live: list[Row], admitted: list[Row], alone: bool) -> _Flight:
+        """This round's two calls, started."""
         by_ref = {r.ref: r for r in self.rows}
         # AR rows chain tokens only in rounds of AR rows alone: a longer context call would
         # hold back every diffusion and mock-AR row (in it, or waiting on the round's end)
-        alone = all(r.settings.mode == "ar" for r in live)
         work, prefilling = self._context_work(live, self.limits.ar_steps if alone else 1)
         work.opened = [r.ref for r in admitted]
         pushing = {ref for group in work.groups for ref in group.rows}
@@ -256,18 +310,22 @@ class StepScheduler:
                              deltas=[d for d in self._carried if d.row in by_ref],
                              groups=self._denoise_groups(denoise),
                              mock=self._mock_group(mock))
-        result, dresult = self.towers.run(None if work.empty else work,
-                                          None if dwork.empty else dwork)
+        pending = self.towers.start(None if work.empty else work,
+                                    None if dwork.empty else dwork)
+        return _Flight(pending, work, dwork, prefilling, denoise, mock, by_ref)
+
+    def _land(self, flight: _Flight) -> None:
+        """A round's answers: the context call's tokens and deltas, the denoiser's blocks."""
+        result, dresult = flight.pending.result()
         self._carried = [] if result is None else result.deltas
         if result is not None:
-            self._took_context_call(work, result, prefilling, by_ref)
+            self._took_context_call(flight.work, result, flight.prefilling, flight.by_ref)
         if dresult is not None:
-            for row in denoise + mock:
+            for row in flight.denoise + flight.mock:
                 row.charge("denoise_seconds", dresult.seconds)
-            _share(denoise + mock, dresult.crossed)
-            self._took_denoiser_step(dwork, dresult.blocks, mock, dresult.tokens, by_ref)
-        self._drop_finished()
-        self.rounds += 1
+            _share(flight.denoise + flight.mock, dresult.crossed)
+            self._took_denoiser_step(flight.dwork, dresult.blocks, flight.mock,
+                                     dresult.tokens, flight.by_ref)
 
     def _took_context_call(self, work: ContextWork, result: ContextResult,
                            prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
@@ -275,12 +333,12 @@ class StepScheduler:
         emitted."""
         served = list({ref: by_ref[ref] for g in work.groups for ref in g.rows}.values())
         for row in served:
-            row.charge("prefill_seconds" if row.phase == PREFILL else "commit_seconds",
-                       result.seconds)
+            prefill = row.phase == PREFILL or row in prefilling
+            row.charge("prefill_seconds" if prefill else "commit_seconds", result.seconds)
         _share(served, result.crossed)
-        self._took_context_step(work, result, prefilling, by_ref)
+        self._took_context_step(work, result, by_ref)
         for row in served:
-            if row.sampled:
+            if row.sampled and row.phase != FINISHED:
                 tokens, row.sampled = row.sampled, []
                 self._emit_tokens(row, tokens, row.sampled_scores)
 
@@ -302,6 +360,7 @@ class StepScheduler:
         commits, then every T = 1 token (AR rows taking up to ``chain`` tokens); returns the
         work and the rows whose prompt it completes."""
         work, prefilling, budget = ContextWork(), [], self.limits.prefill_tokens
+        tokens = [r for r in live if r.wants_token]  # before this call's own samples
         for row in (r for r in live if r.phase == PREFILL):
             if budget <= 0:
                 break
@@ -315,13 +374,13 @@ class StepScheduler:
                                           sample=done and not row.mock))
             if not row.pending:
                 prefilling.append(row)
+                row.phase = DENOISE if row.diffusion else SAMPLE
                 if row.mock:  # its latest prompt token, keeping the states before it
                     work.groups.append(_group([row], torch.tensor([[row.latest]]),
                                               keep_previous=True))
         commits = [r for r in live if r.commit is not None]
         for group in _groups(commits, lambda r: r.settings.block_size):
             work.groups.append(_group(group, torch.stack([r.commit for r in group])))
-        tokens = [r for r in live if r.token is not None]
         if tokens:
             work.groups.append(_group(tokens, torch.tensor([[r.token] for r in tokens]),
                                       sample=True, keep_previous=True, chain=chain))
@@ -338,25 +397,26 @@ class StepScheduler:
             token, row.pending = row.pending[0], row.pending[1:]
             target = prompt[index + 1] if index + 1 < len(prompt) else None
             sample = Sample(row.settings, 0, target) if target is not None else \
-                row.next_sample()
+                row.claim_sample()
             work.groups.append(ExtendGroup([row.ref], torch.tensor([[token]]), [row.mirrored],
                                            [False], [sample]))
+            if sample is not None and sample.target is None:
+                row.token = FROM_TOWER
             pushed += 1
         return pushed
 
     def _took_context_step(self, work: ContextWork, result: ContextResult,
-                           prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
+                           by_ref: dict[Ref, Row]) -> None:
         for group, sampled, scored in zip(work.groups, result.tokens, result.scores):
             for ref, taken, scores, sample in zip(group.rows, sampled, scored, group.sample):
                 row = by_ref[ref]
+                if row.phase == FINISHED:  # it ended while this call was under way
+                    continue
                 row.result.stats.context_steps += max(1, len(taken))
-                row.commit = row.token = None
                 if sample is not None and sample.target is not None:
                     row.result.prompt_logprobs.extend(scores)
                 elif taken:
                     row.sampled, row.sampled_scores = taken, scores
-        for row in prefilling:
-            row.phase = DENOISE if row.diffusion else SAMPLE
 
     # --- the denoiser call -----------------------------------------------------------------
     def _denoise_groups(self, rows: list[Row]) -> list[DenoiseGroup]:
@@ -398,10 +458,11 @@ class StepScheduler:
 
     def _emit_tokens(self, row: Row, tokens: list[int], scores: list[TokenScore] = ()
                      ) -> None:
-        """AR or mock-AR tokens: kept, streamed as one delta, and the last pushed through the
-        context tower next round unless the row is finished."""
+        """AR or mock-AR tokens: kept, streamed as one delta, and (mock-AR; AR rows push
+        FROM_TOWER) the last pushed through the context tower next round unless the row is
+        finished."""
         row.emit(tokens, self.config.eos_token_id, scores)
-        if row.phase != FINISHED:
+        if row.phase != FINISHED and row.mock:
             row.latest, row.step = tokens[-1], row.step + len(tokens)
             row.token = tokens[-1]
 
@@ -414,9 +475,13 @@ def _share(rows: list[Row], crossed: int) -> None:
 
 def _group(rows: list[Row], ids: torch.Tensor, sample: bool = False,
            keep_previous: bool = False, chain: int = 1) -> ExtendGroup:
+    """A context step over ``rows``; what they push is taken, and an AR row that samples
+    pushes that token next (``FROM_TOWER``)."""
+    samples = [r.claim_sample(chain) if sample else None for r in rows]
+    for row, claimed in zip(rows, samples):
+        row.commit, row.token = None, None if claimed is None else FROM_TOWER
     return ExtendGroup([r.ref for r in rows], ids, [r.mirrored for r in rows],
-                       [keep_previous and r.mock for r in rows],
-                       [r.next_sample(chain) if sample else None for r in rows])
+                       [keep_previous and r.mock for r in rows], samples)
 
 
 def _groups(rows: list[Row], key: Callable[[Row], object]) -> list[list[Row]]:

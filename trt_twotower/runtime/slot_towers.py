@@ -17,11 +17,11 @@ import torch
 
 from .. import policy
 from ..config import TwoTowerConfig
-from ..policy import GenerationSettings, TokenScore
+from ..policy import GenerationError, GenerationSettings, TokenScore
 from .cache import StepCache
 from .cache_delta import apply_delta, pack_delta
 from .executor import ContextExecutor, DenoiserExecutor
-from .tower_work import Sample
+from .tower_work import FROM_TOWER, Sample
 
 
 def gather(cache: StepCache, slots: list[int]) -> StepCache:
@@ -69,17 +69,69 @@ class ContextSlots:
         self.executor = executor
         self.eos = config.eos_token_id
         self.pool = StepCache.allocate(config, capacity, max_context, dtype, executor.device)
+        # per slot: the last token sampled (an AR row's next input, FROM_TOWER), the step
+        # key its next sample must carry, and whether it stopped at EOS
+        self.latest: list[Optional[int]] = [None] * capacity
+        self.next_key = [0] * capacity
+        self.stopped = [False] * capacity
 
     def empty(self, slot: int) -> None:
         _empty(self.pool, slot)
+        self.latest[slot], self.next_key[slot], self.stopped[slot] = None, 0, False
 
     def extend(self, slots: list[int], ids: torch.Tensor, sample: list[Optional[Sample]]
                ) -> tuple[list[list[int]], list[list[TokenScore]], list[int]]:
         """One step of ids [R, T] over ``slots``, then one-token steps for the rows whose
         ``Sample`` chains, each fed its own last token (AR decoding without a round trip per
-        token). Returns per row the tokens taken (sampled, or its target; none where it asks
-        none), their scores where its settings ask for logprobs, and its length before the
-        first step (where its delta starts)."""
+        token). A row whose id is ``FROM_TOWER`` pushes the token sampled for it last; one
+        that stopped at EOS takes no step (the loop wrote it before it knew). Returns per row
+        the tokens taken (sampled, or its target; none where it asks none or stopped), their
+        scores where its settings ask for logprobs, and its length before the first step
+        (where its delta starts)."""
+        ids, going = self._own_tokens(slots, ids, sample)
+        if len(going) == len(slots):
+            return self._extend(slots, ids, sample)
+        tokens: list[list[int]] = [[] for _ in slots]
+        scores: list[list[TokenScore]] = [[] for _ in slots]
+        before = [int(self.pool.lengths[slot]) for slot in slots]
+        if going:
+            taken = self._extend([slots[i] for i in going], ids[going],
+                                 [sample[i] for i in going])
+            for j, i in enumerate(going):
+                tokens[i], scores[i], before[i] = taken[0][j], taken[1][j], taken[2][j]
+        return tokens, scores, before
+
+    def _own_tokens(self, slots: list[int], ids: torch.Tensor,
+                    sample: list[Optional[Sample]]) -> tuple[torch.Tensor, list[int]]:
+        """``ids`` with each FROM_TOWER replaced by its row's last sampled token, and the rows
+        that step. A row's step key must be the one its last sample left: a call run out of
+        the order it was written in is an error, never a wrong token."""
+        own = (ids == FROM_TOWER).any(dim=1)
+        if not bool(own.any()):
+            return ids, list(range(len(slots)))
+        if ids.shape[1] != 1:
+            raise GenerationError("only one-token steps may push the tower's own token")
+        ids, going = ids.clone(), []
+        for i, slot in enumerate(slots):
+            if not own[i]:
+                going.append(i)
+                continue
+            s = sample[i]
+            if self.latest[slot] is None or s is None or s.target is not None:
+                raise GenerationError(f"row {i} pushes the token sampled for it last, but "
+                                      "none was, or it samples none now")
+            if self.stopped[slot]:  # written before the loop knew
+                continue
+            if s.step_key != self.next_key[slot]:
+                raise GenerationError(f"row {i} asks for step {s.step_key} but its last "
+                                      f"sample left step {self.next_key[slot]}: calls out of "
+                                      "order")
+            ids[i, 0] = self.latest[slot]
+            going.append(i)
+        return ids, going
+
+    def _extend(self, slots: list[int], ids: torch.Tensor, sample: list[Optional[Sample]]
+                ) -> tuple[list[list[int]], list[list[TokenScore]], list[int]]:
         cache = gather(self.pool, slots)
         before = cache.lengths.tolist()
         logits = self.executor.context_step(ids, cache)
@@ -91,6 +143,7 @@ class ContextSlots:
             self._take(logits, rows, sample, tokens, scores)
             rows = [i for i in rows if self._chains(sample[i], tokens[i])]
             if not rows:
+                self._remember(slots, sample, tokens)
                 return tokens, scores, before
             going = [slots[i] for i in rows]
             cache = gather(self.pool, going)
@@ -111,6 +164,15 @@ class ContextSlots:
             tokens[i].append(token)
             if s.settings.logprobs is not None:
                 scores[i].append(policy.score_token(logits[j], token, s.settings.logprobs))
+
+    def _remember(self, slots: list[int], sample: list[Optional[Sample]],
+                  tokens: list[list[int]]) -> None:
+        """Each sampling row's last token, next step key and whether it stopped at EOS."""
+        for slot, s, taken in zip(slots, sample, tokens):
+            if s is None or s.target is not None or not taken:
+                continue
+            self.latest[slot], self.next_key[slot] = taken[-1], s.step_key + len(taken)
+            self.stopped[slot] = s.settings.stop_at_eos and taken[-1] == self.eos
 
     def _chains(self, sample: Optional[Sample], taken: list[int]) -> bool:
         """Whether a row takes another token in this call."""

@@ -16,7 +16,8 @@ random sequence key in Triton); the loop never looks inside one.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Protocol, Union
 
@@ -25,6 +26,11 @@ import torch
 from ..policy import GenerationSettings, TokenScore
 
 Ref = Hashable
+
+# An AR row's input id meaning "the token this tower sampled for the row last": an AR row's
+# tokens never travel back into the tower that sampled them, so the loop can write a row's
+# next step before the last one's answer is back.
+FROM_TOWER = -1
 
 
 @dataclass(frozen=True)
@@ -126,14 +132,17 @@ class DenoiserResult:
 
 class TowerPair(Protocol):
     """The two towers as the loop drives them. ``new_ref`` names a row before it is opened;
-    ``capacity`` rows can be open at once."""
+    ``capacity`` rows can be open at once. ``ahead``: a round's calls may be started before
+    the last round's answers are back (the towers run calls in the order they were started),
+    so the loop writes the next round of AR rows while the current one computes."""
 
     capacity: int
+    ahead: bool
 
     def new_ref(self) -> Ref: ...
 
-    def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
-            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
+    def start(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
+              ) -> "PendingRound":
         """One round's calls (either may be absent), each result with its call's time. The
         two touch disjoint rows: a pair whose towers run apart runs them at once."""
         ...
@@ -151,32 +160,76 @@ class TowerPair(Protocol):
         ...
 
 
-class RoundCalls:
-    """Runs a round's two calls (either may be absent) and times each result. ``at_once``,
-    for a pair whose towers live apart (two devices, two processes): the context call on a
-    helper thread while the denoiser call runs on the caller's; both are waited for,
-    whichever fails, and the context call's error is raised first. Otherwise in turn."""
+Result = Union[ContextResult, DenoiserResult]
+Answers = tuple[Optional[ContextResult], Optional[DenoiserResult]]
 
-    def __init__(self, at_once: bool) -> None:
-        self.at_once = at_once
-        self._helper: Optional[ThreadPoolExecutor] = None
 
-    def run(self, context_call: Optional[Callable[[], ContextResult]],
-            denoiser_call: Optional[Callable[[], DenoiserResult]]
-            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
-        if not self.at_once or context_call is None or denoiser_call is None:
-            return _timed(context_call), _timed(denoiser_call)
-        if self._helper is None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="context-call")
-        pending = self._helper.submit(_timed, context_call)
+class PendingRound:
+    """A round's two calls, under way or done; ``result`` waits for both (whichever fails)
+    and raises the context call's error first."""
+
+    def __init__(self, context: "Future[Optional[ContextResult]]",
+                 denoiser: "Future[Optional[DenoiserResult]]") -> None:
+        self._context, self._denoiser = context, denoiser
+
+    @classmethod
+    def done(cls, context: Callable[[], Optional[ContextResult]],
+             denoiser: Callable[[], Optional[DenoiserResult]]) -> "PendingRound":
+        """Both calls run now, in turn; a failed context call stops the round."""
+        contexted = _settled(context)
+        if contexted.exception() is not None:
+            return cls(contexted, _settled(lambda: None))
+        return cls(contexted, _settled(denoiser))
+
+    def result(self) -> Answers:
         try:
-            denoised = _timed(denoiser_call)
+            denoised = self._denoiser.result()
         finally:
-            contexted = pending.result()
+            contexted = self._context.result()
         return contexted, denoised
 
 
-Result = Union[ContextResult, DenoiserResult]
+class RoundCalls:
+    """Runs a round's two calls (either may be absent) and times each result.
+
+    ``at_once``, for a pair whose towers live apart (two devices, two processes): the context
+    call on a helper thread while the denoiser call runs on the caller's. ``ahead`` (towers in
+    other processes, which run calls in the order they arrive): both calls on helper threads,
+    so ``start`` returns at once and the caller may start the next round before this one's
+    answers are back. Otherwise in turn, before ``start`` returns."""
+
+    def __init__(self, at_once: bool, ahead: bool = False) -> None:
+        self.at_once, self.ahead = at_once, ahead
+        self._helpers: Optional[ThreadPoolExecutor] = None
+
+    def start(self, context_call: Optional[Callable[[], ContextResult]],
+              denoiser_call: Optional[Callable[[], DenoiserResult]]) -> PendingRound:
+        context, denoiser = partial(_timed, context_call), partial(_timed, denoiser_call)
+        if self.ahead:
+            return PendingRound(self._begin(context, context_call is None),
+                                self._begin(denoiser, denoiser_call is None))
+        if self.at_once and context_call is not None and denoiser_call is not None:
+            return PendingRound(self._begin(context), _settled(denoiser))
+        return PendingRound.done(context, denoiser)
+
+    def _begin(self, call: Callable[[], Optional[Result]], absent: bool = False
+               ) -> "Future[Optional[Result]]":
+        if absent:
+            return _settled(call)
+        if self._helpers is None:
+            # up to two rounds under way at once, each with up to two calls
+            self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tower-call")
+        return self._helpers.submit(call)
+
+
+def _settled(call: Callable[[], Optional[Result]]) -> "Future[Optional[Result]]":
+    """A call run now, as a finished future (its error kept for ``result``)."""
+    future: Future = Future()
+    try:
+        future.set_result(call())
+    except BaseException as err:  # noqa: BLE001 - handed to whoever asks for the result
+        future.set_exception(err)
+    return future
 
 
 def _timed(call: Optional[Callable[[], Result]]) -> Optional[Result]:

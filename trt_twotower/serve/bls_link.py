@@ -7,21 +7,28 @@ without a server. Sequences get random keys (``SequenceKey.new``); a finished se
 rides on the next round's calls, or goes alone when the loop falls idle. Every byte sent and
 received is counted and charged to the rows of the call: the bytes that cross process
 boundaries.
+
+Calls start on helper threads and the loop may start a round before the last one is answered
+(``ahead``); each carries this loop's caller id and its index per tower, numbered as the loop
+starts it, so a tower runs them in that order (one that overtook its predecessor is refused
+untouched and sent again once the predecessor is answered).
 """
 
 from __future__ import annotations
 
+import secrets
+import threading
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..errors import TwoTowerError
 from ..runtime.tower_work import (ContextResult, ContextWork, DenoiserResult, DenoiserWork,
-                                  Ref, RoundCalls)
+                                  PendingRound, Ref, RoundCalls)
 from .repository import CONTEXT_MODEL, DENOISER_MODEL
 from .tower_requests import (decode_context_result, decode_denoiser_result, denoiser_outputs,
                              encode_context, encode_denoiser, handle)
-from .towers import ContextTower, DenoiserTower, SequenceKey
+from .towers import OUT_OF_ORDER, CallOutOfOrder, ContextTower, DenoiserTower, SequenceKey
 
 # (model name, named inputs, output names) -> named outputs
 TowerCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
@@ -29,6 +36,10 @@ TowerCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarr
 
 class TowerCallError(TwoTowerError, RuntimeError):
     """A tower model answered with an error (its message is kept)."""
+
+
+class TowerCallOutOfOrder(TowerCallError):
+    """The tower refused a call that overtook an earlier one of this caller; nothing ran."""
 
 
 def nbytes(value: np.ndarray) -> int:
@@ -46,20 +57,27 @@ def bls_call(pb_utils: Any) -> TowerCall:
             inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()])
         response = request.exec()
         if response.has_error():
-            raise TowerCallError(f"{model}: {response.error().message()}")
+            message = response.error().message()
+            kind = TowerCallOutOfOrder if message.startswith(OUT_OF_ORDER) else TowerCallError
+            raise kind(f"{model}: {message}")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy()
                 for name in outputs}
     return call
 
 
 def direct_call(context: ContextTower, denoiser: DenoiserTower, secret: str) -> TowerCall:
-    """The same requests answered by tower objects in this process."""
+    """The same requests answered by tower objects in this process, one call at a time per
+    tower as a Triton model instance runs them."""
     towers = {CONTEXT_MODEL: context, DENOISER_MODEL: denoiser}
+    locks = {model: threading.Lock() for model in towers}
 
     def call(model: str, inputs: dict[str, np.ndarray], outputs: list[str]
              ) -> dict[str, np.ndarray]:
         try:
-            answer = handle(towers[model], inputs, secret)
+            with locks[model]:
+                answer = handle(towers[model], inputs, secret)
+        except CallOutOfOrder as err:
+            raise TowerCallOutOfOrder(f"{model}: {err}") from None
         except TwoTowerError as err:
             raise TowerCallError(f"{model}: {err}") from None
         return {name: answer[name] for name in outputs}
@@ -69,30 +87,58 @@ def direct_call(context: ContextTower, denoiser: DenoiserTower, secret: str) -> 
 class RemoteTowers:
     """Both tower models behind a ``TowerCall``."""
 
+    ahead = True
+
     def __init__(self, call: TowerCall, secret: str, capacity: int) -> None:
         self.call, self.secret, self.capacity = call, secret, capacity
         self.open: dict[SequenceKey, bool] = {}    # open sequences: mirrored on the denoiser?
         self.pending: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
         self.waited: dict[str, list[SequenceKey]] = {CONTEXT_MODEL: [], DENOISER_MODEL: []}
-        self._calls = RoundCalls(at_once=True)
+        self._calls = RoundCalls(at_once=True, ahead=True)
+        self._number_afresh()
+
+    def _number_afresh(self) -> None:
+        """A new caller id whose calls count from 1 (also after a failed round: a call that
+        never reached its tower must not hold back every later one)."""
+        self._caller = secrets.randbits(62)
+        self._started = {CONTEXT_MODEL: 0, DENOISER_MODEL: 0}
+        self._answered: dict[str, threading.Event] = {}
 
     def new_ref(self) -> Ref:
         return SequenceKey.new()
 
-    def _send(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]
-              ) -> tuple[dict[str, np.ndarray], int]:
-        """The tower's outputs and the bytes the call moved between processes."""
-        out = self.call(model, inputs, outputs)
-        return out, sum(map(nbytes, inputs.values())) + sum(map(nbytes, out.values()))
+    def _prepare(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]
+                 ) -> Callable[[], tuple[dict[str, np.ndarray], int]]:
+        """The call numbered now, in the order the loop starts calls; run it (on any thread)
+        for the tower's outputs and the bytes the call moved between processes."""
+        self._started[model] += 1
+        inputs["call_order"] = np.array([self._caller, self._started[model]], dtype=np.int64)
+        before, answered = self._answered.get(model), threading.Event()
+        self._answered[model] = answered
+
+        def send() -> tuple[dict[str, np.ndarray], int]:
+            try:
+                try:
+                    out = self.call(model, inputs, outputs)
+                except TowerCallOutOfOrder:
+                    if before is None:
+                        raise
+                    before.wait()
+                    out = self.call(model, inputs, outputs)
+            finally:
+                answered.set()
+            return out, sum(map(nbytes, inputs.values())) + sum(map(nbytes, out.values()))
+        return send
 
     def _releases(self, model: str) -> list[SequenceKey]:
         released, self.pending[model] = self.pending[model], []
         return released
 
-    def run(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
-            ) -> tuple[Optional[ContextResult], Optional[DenoiserResult]]:
-        """Both calls at once, the context's on a helper thread: the tower models are apart,
-        so neither waits for the other. This thread settles what each call carries first."""
+    def start(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
+              ) -> PendingRound:
+        """Both calls at once on helper threads: the tower models are apart, so neither
+        waits for the other, and the loop goes on while they run. This thread settles what
+        each call carries and numbers it first."""
         if context is not None:
             context.released = self._releases(CONTEXT_MODEL)
             for key in context.opened:
@@ -101,22 +147,29 @@ class RemoteTowers:
             denoiser.released = self._releases(DENOISER_MODEL)
             for key in denoiser.opened:
                 self.open[key] = True
-        return self._calls.run(None if context is None else lambda: self._context(context),
-                               None if denoiser is None else lambda: self._denoiser(denoiser))
+        return self._calls.start(None if context is None else self._context(context),
+                                 None if denoiser is None else self._denoiser(denoiser))
 
-    def _context(self, work: ContextWork) -> ContextResult:
+    def _context(self, work: ContextWork) -> Callable[[], ContextResult]:
         outputs = ["token", "token_count", "cache_delta", "score"] if work.groups else []
-        out, crossed = self._send(CONTEXT_MODEL, encode_context(work, self.secret), outputs)
-        result = decode_context_result(work, out)
-        result.crossed = crossed
-        return result
+        return self._call(CONTEXT_MODEL, encode_context(work, self.secret), outputs,
+                          lambda out: decode_context_result(work, out))
 
-    def _denoiser(self, work: DenoiserWork) -> DenoiserResult:
-        out, crossed = self._send(DENOISER_MODEL, encode_denoiser(work, self.secret),
-                                  denoiser_outputs(work))
-        result = decode_denoiser_result(work, out)
-        result.crossed = crossed
-        return result
+    def _denoiser(self, work: DenoiserWork) -> Callable[[], DenoiserResult]:
+        return self._call(DENOISER_MODEL, encode_denoiser(work, self.secret),
+                          denoiser_outputs(work), lambda out: decode_denoiser_result(work, out))
+
+    def _call(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
+              decode: Callable[[dict[str, np.ndarray]], Any]) -> Callable[[], Any]:
+        """A call numbered now; run it for its decoded result with the bytes it moved."""
+        send = self._prepare(model, inputs, outputs)
+
+        def call() -> Any:
+            out, crossed = send()
+            result = decode(out)
+            result.crossed = crossed
+            return result
+        return call
 
     def release(self, refs: list[tuple[Ref, bool]]) -> None:
         for key, _ in refs:
@@ -135,12 +188,13 @@ class RemoteTowers:
             if late:
                 self.pending[model] = [k for k in self.pending[model]
                                        if not (idle or k in waited)]
-                self._send(model, encode(empty(released=late), self.secret), [])
+                self._prepare(model, encode(empty(released=late), self.secret), [])()
             self.waited[model] = list(self.pending[model])
 
     def forget(self) -> None:
         """After a failed round: ask both towers to free every sequence this loop opened
         (best effort: a tower that failed may be gone)."""
+        self._number_afresh()
         self.release([(key, True) for key in list(self.open)])
         try:
             self.settle(idle=True)

@@ -4,7 +4,8 @@ tensors and back. The orchestrator encodes (``encode_*``), a tower model decodes
 
 Every request names an ``op``: ``round`` (one scheduler round's work for this tower) or
 ``stats`` (counts only). A round needs the server's tower secret, so only the orchestrator
-(which alone knows it) can change a tower. Sequences travel as ``*_id`` (uint64) and
+(which alone knows it) can change a tower; its ``call_order`` (caller id, index) makes calls
+run in the order the caller started them (``towers.CallOrder``). Sequences travel as ``*_id`` (uint64) and
 ``*_owner`` (the token given at open) pairs; settings as JSON strings, validated again on
 arrival; groups of rows as their sizes and widths with their ids flattened; cache deltas as
 one bytes element per row; a token's score as JSON.
@@ -290,6 +291,10 @@ def handle(tower: Union[ContextTower, DenoiserTower], inputs: Inputs, secret: st
     if op == "stats":
         return {"stats": _texts([json.dumps(tower.stats())])}
     _authorize(inputs, secret)
+    order = _get(inputs, "call_order")
+    if order.size:
+        _need_length("call_order", order, 2)
+        tower.order.admit(int(order[0]), int(order[1]))
     if isinstance(tower, ContextTower):
         result = tower.round(_context_work(inputs))
         rows = [(taken, scored) for group, scores in zip(result.tokens, result.scores)

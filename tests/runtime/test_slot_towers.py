@@ -1,0 +1,58 @@
+"""The context tower's memory of each AR row's last token (``FROM_TOWER``): a row pushes the
+token sampled for it without the loop sending it back, and a call that does not follow the
+last one of the row is an error, never a wrong token."""
+
+import pytest
+import torch
+
+from trt_twotower.policy import GenerationError, GenerationSettings
+from trt_twotower.runtime.slot_towers import ContextSlots
+from trt_twotower.runtime.torch_executor import TorchContextExecutor
+from trt_twotower.runtime.tower_work import FROM_TOWER, Sample
+
+AR = GenerationSettings(mode="ar", max_new_tokens=16, stop_at_eos=False)
+
+
+def _slots(model):
+    slots = ContextSlots(TorchContextExecutor(model), model.config, 4, 32, torch.float32)
+    for slot in range(4):
+        slots.empty(slot)
+    return slots
+
+
+def test_a_row_pushing_its_own_token_equals_the_loop_sending_it(tiny_model):
+    own, sent = _slots(tiny_model), _slots(tiny_model)
+    for slots in (own, sent):
+        first, _, _ = slots.extend([1], torch.tensor([[5, 6, 7]]), [Sample(AR, 0)])
+    ids = own.extend([1], torch.tensor([[FROM_TOWER]]), [Sample(AR, 1, chain=3)])[0]
+    expected = sent.extend([1], torch.tensor([[first[0][0]]]), [Sample(AR, 1, chain=3)])[0]
+    assert ids == expected and len(ids[0]) == 3
+
+
+def test_a_call_out_of_step_or_without_a_sample_is_refused(tiny_model):
+    slots = _slots(tiny_model)
+    with pytest.raises(GenerationError, match="none was"):
+        slots.extend([0], torch.tensor([[FROM_TOWER]]), [Sample(AR, 0)])
+    slots.extend([0], torch.tensor([[5, 6]]), [Sample(AR, 0, chain=2)])
+    with pytest.raises(GenerationError, match="asks for step 5 but its last sample left "
+                                              "step 2: calls out of order"):
+        slots.extend([0], torch.tensor([[FROM_TOWER]]), [Sample(AR, 5)])
+    with pytest.raises(GenerationError, match="only one-token steps"):
+        slots.extend([0], torch.tensor([[FROM_TOWER, 5]]), [Sample(AR, 2)])
+
+
+def test_a_row_that_stopped_at_eos_takes_no_step_while_the_others_do(tiny_model):
+    import dataclasses
+
+    probe = _slots(tiny_model)
+    drawn = probe.extend([0], torch.tensor([[5, 6]]), [Sample(AR, 0)])[0][0][0]
+    config = dataclasses.replace(tiny_model.config, eos_token_id=drawn)
+    slots = ContextSlots(TorchContextExecutor(tiny_model), config, 4, 32, torch.float32)
+    stop = dataclasses.replace(AR, stop_at_eos=True)
+    slots.empty(0), slots.empty(1)
+    slots.extend([0, 1], torch.tensor([[5, 6], [7, 8]]), [Sample(stop, 0), Sample(AR, 0)])
+    length = int(slots.pool.lengths[0])
+    tokens, _, before = slots.extend([0, 1], torch.tensor([[FROM_TOWER], [FROM_TOWER]]),
+                                     [Sample(stop, 1, chain=2), Sample(AR, 1, chain=2)])
+    assert tokens[0] == [] and before[0] == length == int(slots.pool.lengths[0])
+    assert len(tokens[1]) == 2
