@@ -21,9 +21,10 @@ def _secret(server) -> str:
     return (server.repository / SECRET_FILE).read_text().strip()
 
 
-def _tower_call(server, model: str, work, secret=None):
+def _tower_call(server, model: str, work, secret=None, order=None):
     """One direct tower request carrying ``work`` (the real protocol's tensors), as a client
-    that is not the orchestrator would send it; ``secret`` None leaves the secret out."""
+    that is not the orchestrator would send it; ``secret`` None leaves the secret out;
+    ``order``: the (caller, index) the orchestrator numbers its calls with."""
     import tritonclient.grpc as grpcclient
 
     from trt_twotower.serve.tower_requests import encode_context, encode_denoiser
@@ -31,6 +32,8 @@ def _tower_call(server, model: str, work, secret=None):
     values = encode(work, secret or "")
     if secret is None:
         values.pop("tower_secret")
+    if order is not None:
+        values["call_order"] = np.array(order, dtype=np.int64)
     inputs = []
     for name, array in values.items():
         dtype = {np.object_: "BYTES", np.uint64: "UINT64", np.int64: "INT64",
@@ -142,6 +145,29 @@ def test_only_the_opener_can_step_or_release_a_sequence(server):
     finally:
         _tower_call(server, "context_tower", ContextWork(released=[mine]), secret)
     assert live() == before
+
+
+def test_both_towers_run_a_callers_calls_in_the_order_it_numbered_them(server):
+    """The orchestrator starts a round before the last is answered, and Triton can deliver
+    the two swapped: each tower model refuses a call that overtook its predecessor (UNAVAILABLE,
+    nothing done) and runs it once the predecessor has run."""
+    import secrets
+
+    from trt_twotower.runtime.tower_work import ContextWork, DenoiserWork
+    from trt_twotower.serve.client import tower_stats
+    from trt_twotower.serve.towers import SequenceKey
+    secret, caller = _secret(server), secrets.randbits(62)
+    for model, work in (("context_tower", ContextWork), ("denoiser_tower", DenoiserWork)):
+        first, second = SequenceKey.new(), SequenceKey.new()
+        opened = tower_stats(server.grpc_url)[model]["opened"]
+        message = _refusal(lambda: _tower_call(server, model, work(opened=[second]), secret,
+                                               (caller, 2)), "UNAVAILABLE")
+        assert message.startswith("out of order: call 2 arrived before call 1")
+        assert tower_stats(server.grpc_url)[model]["opened"] == opened
+        _tower_call(server, model, work(opened=[first]), secret, (caller, 1))
+        _tower_call(server, model, work(opened=[second]), secret, (caller, 2))
+        assert tower_stats(server.grpc_url)[model]["opened"] == opened + 2
+        _tower_call(server, model, work(released=[first, second]), secret, (caller, 3))
 
 
 def test_a_step_for_an_unknown_sequence_is_an_error_not_a_fresh_cache(server):

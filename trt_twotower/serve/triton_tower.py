@@ -13,13 +13,13 @@ from ..errors import TwoTowerError
 from .hosting import instance_device, open_tower
 from .repository import tower_secret
 from .tower_requests import handle
-from .towers import TowerBusy, UnknownSequence
+from .towers import CallOutOfOrder, TowerBusy, UnknownSequence
 
 INPUTS = ("op", "tower_secret", "open_id", "open_owner", "release_id", "release_owner",
           "row_id", "row_owner", "group_rows", "group_width", "input_ids", "mirror", "sample",
           "step_key", "delta_id", "delta_owner", "cache_delta", "keep_previous", "settings",
           "steps_left", "mock_id", "mock_owner", "mock_latest", "mock_settings",
-          "mock_step_key", "target", "chain")
+          "mock_step_key", "target", "chain", "call_order")
 
 
 def error_message(err: Exception) -> str:
@@ -36,7 +36,7 @@ def error_code(err: Exception) -> int:
     a full tower (retry later); anything else is the server's fault."""
     if isinstance(err, UnknownSequence):
         return pb_utils.TritonError.NOT_FOUND
-    if isinstance(err, TowerBusy):
+    if isinstance(err, (TowerBusy, CallOutOfOrder)):
         return pb_utils.TritonError.UNAVAILABLE
     if isinstance(err, TwoTowerError):
         return pb_utils.TritonError.INVALID_ARG
