@@ -244,13 +244,13 @@ class TwoTowerSession:
         self._live = kept
 
     def _fail_all(self, err: BaseException) -> None:
-        """An executor failed mid-round: every live request gets the error and the loop
-        starts again from empty pools."""
-        for handle in self._live + self._inbox:
+        """An executor failed mid-round: the loop starts again from empty pools, then every
+        live request gets the error (so a caller that sees it finds the slots freed)."""
+        failed, self._live, self._inbox = self._live + self._inbox, [], []
+        self.scheduler.reset()
+        for handle in failed:
             handle.error = err
             handle._complete()
-        self._live, self._inbox = [], []
-        self.scheduler.reset()
 
 
 @atexit.register
