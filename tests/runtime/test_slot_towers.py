@@ -56,3 +56,25 @@ def test_a_row_that_stopped_at_eos_takes_no_step_while_the_others_do(tiny_model)
                                      [Sample(stop, 1, chain=2), Sample(AR, 1, chain=2)])
     assert tokens[0] == [] and before[0] == length == int(slots.pool.lengths[0])
     assert len(tokens[1]) == 2
+
+
+def test_rows_on_scattered_slots_chain_as_rows_side_by_side(tiny_model):
+    """Scattered rows are gathered once per call and written back when the chaining set
+    changes and at the end: two calls in a row (the second reads what the first wrote
+    back), with rows leaving the chain at different steps, equal the same rows on
+    consecutive slots."""
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+
+    def run(slot_ids):
+        slots = _slots(tiny_model)
+        taken = []
+        slots.extend(slot_ids, prompts, [Sample(AR, 0)] * 3)
+        keys = [1, 1, 1]
+        for counts in ([3, 1, 2], [1, 3, 2]):
+            chains = [Sample(AR, k, chain=c) for k, c in zip(keys, counts)]
+            taken.append(slots.extend(slot_ids, torch.full((3, 1), FROM_TOWER), chains)[0])
+            keys = [k + c for k, c in zip(keys, counts)]
+        return taken, [int(slots.pool.lengths[s]) for s in slot_ids]
+    side_by_side, scattered = run([0, 1, 2]), run([3, 0, 2])
+    assert scattered == side_by_side
+    assert [len(t) for t in side_by_side[0][0]] == [3, 1, 2]

@@ -132,24 +132,26 @@ class ContextSlots:
 
     def _extend(self, slots: list[int], ids: torch.Tensor, sample: list[Optional[Sample]]
                 ) -> tuple[list[list[int]], list[list[TokenScore]], list[int]]:
+        """The steps of one call. Rows on scattered slots are gathered once and stay gathered
+        while the same rows chain on (written back when the set changes and at the end), not
+        copied in and out for every token."""
         cache = gather(self.pool, slots)
         before = cache.lengths.tolist()
         logits = self.executor.context_step(ids, cache)
-        scatter(self.pool, slots, cache)
         tokens: list[list[int]] = [[] for _ in slots]
         scores: list[list[TokenScore]] = [[] for _ in slots]
         rows = list(range(len(slots)))
         while True:
             self._take(logits, rows, sample, tokens, scores)
-            rows = [i for i in rows if self._chains(sample[i], tokens[i])]
-            if not rows:
-                self._remember(slots, sample, tokens)
-                return tokens, scores, before
-            going = [slots[i] for i in rows]
-            cache = gather(self.pool, going)
+            going = [i for i in rows if self._chains(sample[i], tokens[i])]
+            if going != rows:
+                scatter(self.pool, [slots[i] for i in rows], cache)
+                if not going:
+                    self._remember(slots, sample, tokens)
+                    return tokens, scores, before
+                rows, cache = going, gather(self.pool, [slots[i] for i in going])
             logits = self.executor.context_step(torch.tensor([[tokens[i][-1]] for i in rows]),
                                                 cache)
-            scatter(self.pool, going, cache)
 
     @staticmethod
     def _take(logits: torch.Tensor, rows: list[int], sample: list[Optional[Sample]],
