@@ -75,3 +75,18 @@ def test_stopping_after_the_server_crashed_kills_its_stubs_and_unlinks_their_reg
     assert not any(Path("/dev/shm", name).exists() for name in regions)
     check_ports_free("127.0.0.1", (server.grpc_port, server.http_port))
 
+
+
+def test_a_server_counts_as_listening_only_once_both_its_ports_are_open(tmp_path):
+    """tritonserver opens its gRPC port before its HTTP port; a request sent in between was
+    refused (seen in CI), so readiness waits for both lines of this server's own log."""
+    from trt_twotower.serve.server import TritonServer
+    server = TritonServer(tmp_path / "repo", tmp_path, grpc_port=40001, http_port=40002)
+    lines = ['I1130 grpc_server.cc:2558] "Started GRPCInferenceService at 127.0.0.1:40001"',
+             'I1130 http_server.cc:4713] "Started HTTPService at 127.0.0.1:40002"']
+    server.log.write_text(lines[0] + "\n")
+    assert not server._listening()
+    server.log.write_text("\n".join(lines) + "\n")
+    assert server._listening()
+    server.log.write_text(lines[0] + "\n" + lines[1].replace("40002", "40003") + "\n")
+    assert not server._listening(), "another server's HTTP port"

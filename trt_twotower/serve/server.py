@@ -288,8 +288,9 @@ class TritonServer:
         atexit.register(self.stop)
 
     def _wait_ready(self, timeout: float) -> None:
-        """Ready once our own process logged that it holds the gRPC port and then answers: a
-        readiness answer alone could come from another server on that port."""
+        """Ready once our own process logged that it holds the gRPC and HTTP ports and then
+        answers: a readiness answer alone could come from another server on that port, and
+        the HTTP port opens after the gRPC one (a request in between was refused in CI)."""
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + timeout
@@ -307,9 +308,10 @@ class TritonServer:
                           f"{log_cause(self.log)}")
 
     def _listening(self) -> bool:
-        started = re.compile(rf'Started GRPCInferenceService at .*:{self.grpc_port}"$',
-                             re.MULTILINE)
-        return bool(started.search(self.log.read_text(errors="replace")))
+        log = self.log.read_text(errors="replace")
+        return all(re.search(rf'Started {service} at .*:{port}"$', log, re.MULTILINE)
+                   for service, port in (("GRPCInferenceService", self.grpc_port),
+                                         ("HTTPService", self.http_port)))
 
     def stop(self, graceful: bool = True, timeout: float = STOP_GRACE_S) -> Optional[int]:
         """Stop the server and return its exit code. Gracefully (SIGTERM, in-flight work gets
