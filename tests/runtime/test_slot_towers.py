@@ -78,3 +78,26 @@ def test_rows_on_scattered_slots_chain_as_rows_side_by_side(tiny_model):
     side_by_side, scattered = run([0, 1, 2]), run([3, 0, 2])
     assert scattered == side_by_side
     assert [len(t) for t in side_by_side[0][0]] == [3, 1, 2]
+
+
+def test_rows_side_by_side_in_the_pool_step_as_a_view_in_any_order(tiny_model):
+    """A group that names adjacent slots out of order steps in slot order, on the pool itself
+    (no copy), and each row still gets its own tokens."""
+    def run(slot_ids):
+        slots = _slots(tiny_model)
+        views = []
+        step = slots.executor.context_step
+
+        def watched(ids, cache):
+            views.append(cache.lengths.data_ptr() ==
+                         slots.pool.lengths[min(slot_ids):].data_ptr())
+            return step(ids, cache)
+        slots.executor.context_step = watched
+        prompts = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13]])
+        first = slots.extend(slot_ids, prompts, [Sample(AR, 0)] * 3)[0]
+        then = slots.extend(slot_ids, torch.full((3, 1), FROM_TOWER),
+                            [Sample(AR, 1, chain=2)] * 3)[0]
+        return first, then, views
+    in_order, reversed_order = run([0, 1, 2]), run([2, 1, 0])
+    assert reversed_order[:2] == in_order[:2]
+    assert all(reversed_order[2]) and len(reversed_order[2]) == 3

@@ -87,9 +87,11 @@ class ContextSlots:
         that stopped at EOS takes no step (the loop wrote it before it knew). Returns per row
         the tokens taken (sampled, or its target; none where it asks none or stopped), their
         scores where its settings ask for logprobs, and its length before the first step
-        (where its delta starts)."""
+        (where its delta starts). Rows step in slot order, so rows side by side in the pool
+        are passed as a view of it rather than copied out and back."""
         ids, going = self._own_tokens(slots, ids, sample)
-        if len(going) == len(slots):
+        going.sort(key=slots.__getitem__)
+        if going == list(range(len(slots))):
             return self._extend(slots, ids, sample)
         tokens: list[list[int]] = [[] for _ in slots]
         scores: list[list[TokenScore]] = [[] for _ in slots]
@@ -239,6 +241,7 @@ class DenoiserSlots:
         fused = [i for i, s in enumerate(settings) if self.fused(s)]
         plain = [i for i, s in enumerate(settings) if not self.fused(s)]
         for rows, step in ((fused, self._fused_step), (plain, self._policy_step)):
+            rows.sort(key=slots.__getitem__)  # side by side in the pool: a view, not a copy
             if rows:
                 nxt[rows] = step([slots[i] for i in rows], blocks[rows],
                                  [settings[i] for i in rows], [step_keys[i] for i in rows],
