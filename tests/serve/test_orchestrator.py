@@ -88,21 +88,28 @@ def _mixed(model, rng, count):
     return out
 
 
-def test_a_rounds_two_tower_calls_run_at_once_over_disjoint_rows(tiny_model, towers, rng):
-    """The towers live in two processes (two GPUs): a round's context call and denoiser call
-    must not wait for each other. Each call here holds its tower for 50 ms; run one after the
-    other, no two calls would ever overlap."""
+def _slow_calls(towers, seconds):
+    """Tower calls that each take ``seconds`` more, and the (model, start, end, rows named)
+    of every call, appended as calls end."""
     call = direct_call(*towers, SECRET)
     spans, lock = [], threading.Lock()
 
     def slow(name, inputs, outputs):
         start = time.monotonic()
-        time.sleep(0.05)
+        time.sleep(seconds)
         out = call(name, inputs, outputs)
         rows = {int(i) for key in ("row_id", "mock_id") for i in inputs.get(key, [])}
         with lock:
             spans.append((name, start, time.monotonic(), rows))
         return out
+    return slow, spans
+
+
+def test_a_rounds_two_tower_calls_run_at_once_over_disjoint_rows(tiny_model, towers, rng):
+    """The towers live in two processes (two GPUs): a round's context call and denoiser call
+    must not wait for each other. Each call here holds its tower for 50 ms; run one after the
+    other, no two calls would ever overlap."""
+    slow, spans = _slow_calls(towers, 0.05)
     orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
                                 SchedulerLimits(capacity=8), max_waiting=16)
     jobs = _mixed(tiny_model, rng, 6)
@@ -430,16 +437,7 @@ def test_ar_rounds_start_before_the_last_is_answered_with_the_same_tokens(tiny_m
                            torch.float32, 8),
               DenoiserTower(TorchDenoiserExecutor(tiny_model), config, MAX_CONTEXT,
                             torch.float32, 8))
-    call = direct_call(*towers, SECRET)
-    spans, lock = [], threading.Lock()
-
-    def slow(name, inputs, outputs):
-        start = time.monotonic()
-        time.sleep(0.02)
-        out = call(name, inputs, outputs)
-        with lock:
-            spans.append((name, start, time.monotonic(), len(inputs.get("row_id", []))))
-        return out
+    slow, spans = _slow_calls(towers, 0.02)
     orchestrator = Orchestrator(slow, SECRET, config, MAX_CONTEXT,
                                 SchedulerLimits(capacity=8), max_waiting=16)
     jobs = _ar_jobs(tiny_model, stop_at_eos=stop_at_eos)
@@ -456,8 +454,8 @@ def test_ar_rounds_start_before_the_last_is_answered_with_the_same_tokens(tiny_m
         assert any(len(r.result.tokens) < s.max_new_tokens and
                    r.result.tokens[-1] == config.eos_token_id
                    for r, (_, s) in zip(collected, jobs))
-    context = sorted(s for s in spans if s[0] == CONTEXT_MODEL and s[3])
-    ahead = [(a, b) for a, b in zip(context, context[1:]) if b[1] < a[2]]
+    context = sorted((s[1], s[2]) for s in spans if s[0] == CONTEXT_MODEL and s[3])
+    ahead = [(a, b) for a, b in zip(context, context[1:]) if b[0] < a[1]]
     assert len(ahead) >= 3, "each AR round waited for the last one's answer"
     assert all(t.stats()["live_sequences"] == 0 for t in towers)
 

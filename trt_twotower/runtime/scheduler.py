@@ -332,8 +332,9 @@ class StepScheduler:
         """The context call's time and bytes charged to the rows it served, its tokens
         emitted."""
         served = list({ref: by_ref[ref] for g in work.groups for ref in g.rows}.values())
+        completed = set(prefilling)
         for row in served:
-            prefill = row.phase == PREFILL or row in prefilling
+            prefill = row.phase == PREFILL or row in completed
             row.charge("prefill_seconds" if prefill else "commit_seconds", result.seconds)
         _share(served, result.crossed)
         self._took_context_step(work, result, by_ref)

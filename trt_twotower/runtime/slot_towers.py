@@ -95,7 +95,7 @@ class ContextSlots:
             return self._extend(slots, ids, sample)
         tokens: list[list[int]] = [[] for _ in slots]
         scores: list[list[TokenScore]] = [[] for _ in slots]
-        before = [int(self.pool.lengths[slot]) for slot in slots]
+        before = self.pool.lengths[slots].tolist()
         if going:
             taken = self._extend([slots[i] for i in going], ids[going],
                                  [sample[i] for i in going])
@@ -108,8 +108,8 @@ class ContextSlots:
         """``ids`` with each FROM_TOWER replaced by its row's last sampled token, and the rows
         that step. A row's step key must be the one its last sample left: a call run out of
         the order it was written in is an error, never a wrong token."""
-        own = (ids == FROM_TOWER).any(dim=1)
-        if not bool(own.any()):
+        own = (ids == FROM_TOWER).any(dim=1).tolist()
+        if not any(own):
             return ids, list(range(len(slots)))
         if ids.shape[1] != 1:
             raise GenerationError("only one-token steps may push the tower's own token")
@@ -176,13 +176,17 @@ class ContextSlots:
             if s is None or s.target is not None or not taken:
                 continue
             self.latest[slot], self.next_key[slot] = taken[-1], s.step_key + len(taken)
-            self.stopped[slot] = s.settings.stop_at_eos and taken[-1] == self.eos
+            self.stopped[slot] = self._stops_at(s, taken[-1])
 
     def _chains(self, sample: Optional[Sample], taken: list[int]) -> bool:
         """Whether a row takes another token in this call."""
         if sample is None or len(taken) >= sample.chain:
             return False
-        return not (sample.settings.stop_at_eos and taken[-1] == self.eos)
+        return not self._stops_at(sample, taken[-1])
+
+    def _stops_at(self, sample: Sample, token: int) -> bool:
+        """Whether a row ends with ``token`` (EOS, where its settings stop there)."""
+        return sample.settings.stop_at_eos and token == self.eos
 
     def delta(self, slot: int, old_length: int) -> np.ndarray:
         """What the denoiser's copy of ``slot`` needs since it held ``old_length``."""

@@ -204,22 +204,21 @@ class RoundCalls:
 
     def start(self, context_call: Optional[Callable[[], ContextResult]],
               denoiser_call: Optional[Callable[[], DenoiserResult]]) -> PendingRound:
-        context, denoiser = partial(_timed, context_call), partial(_timed, denoiser_call)
         if self.ahead:
-            return PendingRound(self._begin(context, context_call is None),
-                                self._begin(denoiser, denoiser_call is None))
+            return PendingRound(self._begin(context_call), self._begin(denoiser_call))
         if self.at_once and context_call is not None and denoiser_call is not None:
-            return PendingRound(self._begin(context), _settled(denoiser))
-        return PendingRound.done(context, denoiser)
+            return PendingRound(self._begin(context_call),
+                                _settled(partial(_timed, denoiser_call)))
+        return PendingRound.done(partial(_timed, context_call), partial(_timed, denoiser_call))
 
-    def _begin(self, call: Callable[[], Optional[Result]], absent: bool = False
-               ) -> "Future[Optional[Result]]":
-        if absent:
-            return _settled(call)
+    def _begin(self, call: Optional[Callable[[], Result]]) -> "Future[Optional[Result]]":
+        """The call timed on a helper thread (no call: None, at once)."""
+        if call is None:
+            return _settled(lambda: None)
         if self._helpers is None:
             # up to two rounds under way at once, each with up to two calls
             self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tower-call")
-        return self._helpers.submit(call)
+        return self._helpers.submit(_timed, call)
 
 
 def _settled(call: Callable[[], Optional[Result]]) -> "Future[Optional[Result]]":

@@ -5,10 +5,10 @@ tensors and back. The orchestrator encodes (``encode_*``), a tower model decodes
 Every request names an ``op``: ``round`` (one scheduler round's work for this tower) or
 ``stats`` (counts only). A round needs the server's tower secret, so only the orchestrator
 (which alone knows it) can change a tower; its ``call_order`` (caller id, index) makes calls
-run in the order the caller started them (``towers.CallOrder``). Sequences travel as ``*_id`` (uint64) and
-``*_owner`` (the token given at open) pairs; settings as JSON strings, validated again on
-arrival; groups of rows as their sizes and widths with their ids flattened; cache deltas as
-one bytes element per row; a token's score as JSON.
+run in the order the caller started them (``towers.CallOrder``). Sequences travel as
+``*_id`` (uint64) and ``*_owner`` (the token given at open) pairs; settings as JSON strings,
+validated again on arrival; groups of rows as their sizes and widths with their ids
+flattened; cache deltas as one bytes element per row; a token's score as JSON.
 Absent inputs are empty lists.
 """
 
