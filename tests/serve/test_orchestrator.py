@@ -88,15 +88,16 @@ def _mixed(model, rng, count):
     return out
 
 
-def _slow_calls(towers, seconds):
-    """Tower calls that each take ``seconds`` more, and the (model, start, end, rows named)
-    of every call, appended as calls end."""
+def _slow_calls(towers, seconds, only=None):
+    """Tower calls that each take ``seconds`` more (``only``: that model's calls), and the
+    (model, start, end, rows named) of every call, appended as calls end."""
     call = direct_call(*towers, SECRET)
     spans, lock = [], threading.Lock()
 
     def slow(name, inputs, outputs):
         start = time.monotonic()
-        time.sleep(seconds)
+        if only in (None, name):
+            time.sleep(seconds)
         out = call(name, inputs, outputs)
         rows = {int(i) for key in ("row_id", "mock_id") for i in inputs.get(key, [])}
         with lock:
@@ -125,6 +126,37 @@ def test_a_rounds_two_tower_calls_run_at_once_over_disjoint_rows(tiny_model, tow
     assert len(overlapping) >= 3, "context and denoiser calls of a round ran one after another"
     for c, d in overlapping:
         assert not c[3] & d[3], "a row was in both towers' calls of one round"
+
+
+def test_a_long_context_call_does_not_hold_back_the_denoisers_rows(tiny_model, towers, rng):
+    """Each tower runs at its own pace: while a context call computes (here every one takes
+    0.4 s, as a long prefill would), the denoiser keeps stepping the rows that call does not
+    serve. A request arriving mid-way is prefilled during another's denoising; both still get
+    their solo tokens. With rounds that wait for both towers, a denoiser call could never lie
+    inside a context call."""
+    slow, spans = _slow_calls(towers, 0.4, only=CONTEXT_MODEL)
+    orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
+                                SchedulerLimits(capacity=8), max_waiting=16)
+    jobs = [(torch.randint(4, tiny_model.config.vocab_size, (n,), generator=rng).tolist(),
+             GenerationSettings(max_new_tokens=16, block_size=8, steps_per_block=8,
+                                forced_commits=1, seed=7 + n, stop_at_eos=False))
+            for n in (3, 40)]
+    collected = [Collect() for _ in jobs]
+    orchestrator.submit(*jobs[0], collected[0])
+    deadline = time.monotonic() + 60
+    while not any(s[0] == DENOISER_MODEL and s[3] for s in list(spans)):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    orchestrator.submit(*jobs[1], collected[1])
+    assert all(r.ended.wait(120) for r in collected)
+    orchestrator.close(10)
+    for got, alone in zip(collected, _solo(tiny_model, tiny_model.config, jobs)):
+        assert got.error is None and got.result.tokens == alone.tokens
+    context = [s for s in spans if s[0] == CONTEXT_MODEL and s[3]]
+    denoiser = [s for s in spans if s[0] == DENOISER_MODEL and s[3]]
+    inside = max(sum(c[1] < d[1] and d[2] < c[2] for d in denoiser) for c in context)
+    assert inside >= 3, "the denoiser waited for the context call to finish"
+    assert all(t.stats()["live_sequences"] == 0 for t in towers)
 
 
 def test_mixed_requests_equal_their_solo_in_process_tokens_and_share_each_call(

@@ -1,16 +1,17 @@
 """The one step loop: rounds over the live rows of every request, whatever its mode.
 
-A round is one call to each tower (``tower_work.py``). The context tower's call opens the rows
-admitted this round and pushes, in one go, the next chunk of each prefilling prompt (within a
-token budget, so that a long prompt cannot stall the other rows), the blocks that resolved in
-the last round (T = S) and the tokens sampled in it (T = 1); the AR rows' next tokens are
-sampled there, from logits that never leave the tower. The denoiser's call takes the last
-round's cache deltas and runs one diffusion step over every other row in the middle of a block
-and one mock-AR step. The two calls serve disjoint rows, so towers on two devices (or in two
-Triton models) run them at the same time; a row whose block resolves spends the next round in
-the context tower only. A row that finishes or is cancelled leaves at the end of the round and
-its slot is freed at once. Rows with different settings share every call: γ, the steps left,
-the timestep, the temperature, the seed and the step key are per row.
+A round writes a call to each tower that has none under way (``tower_work.py``). The context
+tower's call opens the rows admitted since its last call and pushes, in one go, the next chunk
+of each prefilling prompt (within a token budget, so that a long prompt cannot stall the other
+rows), the blocks that resolved (T = S) and the tokens sampled (T = 1); the AR rows' next tokens
+are sampled there, from logits that never leave the tower. The denoiser's call takes the cache
+deltas of the context calls answered since its last one and runs one diffusion step over every
+row in the middle of a block that no context call holds, and one mock-AR step. The calls serve
+disjoint rows, so towers on two devices (or in two Triton models) run them at the same time,
+each at its own pace: a round waits for the first answer, not for both. A row that finishes or
+is cancelled leaves once no call under way touches it, and its slot is freed at once. Rows with
+different settings share every call: γ, the steps left, the timestep, the temperature, the seed
+and the step key are per row.
 
 Block size groups the calls (a block step is [rows, S]); a TensorRT engine is built for one S,
 so a server fixes it, while steps per block are each request's own (they only bound its loop).
@@ -20,6 +21,8 @@ Decoding rules come from ``trt_twotower.policy`` only, applied inside the towers
 
 from __future__ import annotations
 
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -30,7 +33,7 @@ from ..config import TwoTowerConfig
 from ..policy import GenerationError, GenerationSettings, TokenScore
 from .cache import CacheFullError
 from .tower_work import (FROM_TOWER, ContextResult, ContextWork, Delta, DenoiseGroup,
-                         DenoiserWork, ExtendGroup, MockGroup, PendingRound, Ref, Sample,
+                         DenoiserResult, DenoiserWork, ExtendGroup, MockGroup, Ref, Sample,
                          TowerPair)
 
 # A streaming callback gets each committed block's ids (a token at a time in AR modes);
@@ -119,6 +122,7 @@ class Row:
         self.sampled: list[int] = []                  # AR: the context tower's next tokens
         self.sampled_scores: list[TokenScore] = []
         self.cancel_requested = False
+        self.on_denoiser = False                      # opened in the denoiser's pool
 
     @property
     def diffusion(self) -> bool:
@@ -176,15 +180,30 @@ class Row:
 
 
 @dataclass
-class _Flight:
-    """A round's calls, under way, and what the loop needs to take their answers."""
-    pending: PendingRound
+class _ContextFlight:
+    """A context call under way, and what the loop needs to take its answer."""
+    answer: "Future[Optional[ContextResult]]"
     work: ContextWork
-    dwork: DenoiserWork
     prefilling: list[Row]
+    by_ref: dict[Ref, Row]
+
+    @property
+    def refs(self) -> set[Ref]:
+        return {ref for group in self.work.groups for ref in group.rows} | set(self.work.opened)
+
+
+@dataclass
+class _DenoiserFlight:
+    """A denoiser call under way, and what the loop needs to take its answer."""
+    answer: "Future[Optional[DenoiserResult]]"
+    work: DenoiserWork
     denoise: list[Row]
     mock: list[Row]
     by_ref: dict[Ref, Row]
+
+    @property
+    def refs(self) -> set[Ref]:
+        return {r.ref for r in self.denoise + self.mock}
 
 
 class StepScheduler:
@@ -198,8 +217,11 @@ class StepScheduler:
         self.capacity = min(limits.capacity, towers.capacity)
         self.waiting: list[Row] = []
         self.rows: list[Row] = []
-        self._carried: list[Delta] = []   # the last context call's deltas, for the denoiser
-        self._flight: Optional[_Flight] = None   # a round under way, its answers not taken
+        self._carried: list[Delta] = []   # landed context calls' deltas, for the denoiser
+        # calls under way, their answers not taken: context calls in the order written (two
+        # only while AR rows alone are written ahead), at most one denoiser call
+        self._context_flights: list[_ContextFlight] = []
+        self._denoiser_flight: Optional[_DenoiserFlight] = None
         self.rounds = 0
 
     # --- admission -----------------------------------------------------------------------
@@ -227,12 +249,12 @@ class StepScheduler:
 
     def reset(self) -> None:
         """Forget every row (after a failed round): the towers free what they still hold."""
-        if self._flight is not None:
+        for answer in self._answers():
             try:
-                self._flight.pending.result()
+                answer.result()
             except Exception:  # noqa: BLE001 - the round's own error is the one reported
                 pass
-            self._flight = None
+        self._context_flights, self._denoiser_flight = [], None
         for row in self.waiting + self.rows:
             row.phase = FINISHED
         self.waiting, self.rows, self._carried = [], [], []
@@ -240,17 +262,29 @@ class StepScheduler:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.rows and self._flight is None
+        return not self.waiting and not self.rows and not self._answers()
 
     def run(self) -> None:
         """Rounds until every queued request has finished."""
         while not self.idle:
             self.round()
 
+    def _answers(self) -> list[Future]:
+        flights: list = self._context_flights + [self._denoiser_flight]
+        return [f.answer for f in flights if f is not None]
+
     def _admit(self) -> list[Row]:
-        admitted = []
+        """Waiting requests into free slots, opened by this round's context call: none while
+        a context call is under way, unless AR rows alone are written ahead (then AR
+        requests only, in turn)."""
+        admitted: list[Row] = []
+        if self._context_flights and not self._writes_ahead(self.rows):
+            return admitted
         while self.waiting and len(self.rows) < self.capacity:
-            row = self.waiting.pop(0)
+            row = self.waiting[0]
+            if self._context_flights and row.settings.mode != "ar":
+                break
+            self.waiting.pop(0)
             if row.cancel_requested:
                 row.result.cancelled, row.phase = True, FINISHED
                 continue
@@ -259,73 +293,114 @@ class StepScheduler:
             admitted.append(row)
         return admitted
 
+    def _writes_ahead(self, rows: list[Row]) -> bool:
+        """The next context call may start before the one under way is answered: towers that
+        run calls in order, AR rows alone, one call under way."""
+        live = [r for r in rows if r.phase != FINISHED]
+        return (self.towers.ahead and bool(live) and len(self._context_flights) == 1
+                and all(r.settings.mode == "ar" for r in live))
+
     # --- one round -------------------------------------------------------------------------
     def round(self) -> None:
-        """Admit; write both calls and start them (at once where the towers live apart);
-        take their answers: emit AR tokens, blocks and mock-AR tokens; free the rows that
-        finished.
+        """Admit; take the answers already back; write a call to each tower that has none
+        under way and start it (at once where the towers live apart); wait for an answer and
+        take every one that is back: emit AR tokens, blocks and mock-AR tokens; free the rows
+        that finished and are in no call.
 
-        The two calls of a round touch disjoint rows, so neither waits for the other: the
-        context call takes the rows that must push something (a prompt chunk, a resolved
-        block, a sampled token) and the denoiser call the rows that need nothing pushed, with
-        the deltas of the last round's context call. A row whose block resolves therefore
-        spends one round in the context tower alone before its next block starts.
+        The calls touch disjoint rows, so neither waits for the other: the context call takes
+        the rows that must push something (a prompt chunk, a resolved block, a sampled token)
+        and the denoiser call the rows that need nothing pushed and are in no context call,
+        with the deltas of the context calls answered since its last call. Where the towers
+        live apart each runs at its own pace: a long prefill in the context tower holds back
+        only the rows it serves, never the denoiser's rows. A row whose block resolves spends
+        a context call out of the denoiser before its next block starts.
 
-        Rounds of AR rows alone over towers that run calls in order (``ahead``) overlap: a
-        round's call starts before the last round's answers are taken, since an AR row's
-        next input is the token the tower sampled for it (``FROM_TOWER``) and its step keys
-        and budget are claimed as a call is written. The tower computes while the loop takes
-        the last answers, streams them and writes the next call."""
+        Calls of AR rows alone over towers that run calls in order (``ahead``) overlap: a
+        call starts before the last one's answers are taken, since an AR row's next input is
+        the token the tower sampled for it (``FROM_TOWER``) and its step keys and budget are
+        claimed as a call is written. The tower computes while the loop takes the last
+        answers, streams them and writes the next call."""
         admitted = self._admit()
         for row in self.rows:
             if row.cancel_requested and row.phase != FINISHED:
                 row.result.cancelled, row.phase = True, FINISHED
-        live = [r for r in self.rows if r.phase != FINISHED]
-        alone = all(r.settings.mode == "ar" for r in live)
-        ahead = self.towers.ahead and bool(live) and alone
-        if self._flight is not None and not ahead:
-            flight, self._flight = self._flight, None
-            self._land(flight)
-            live = [r for r in live if r.phase != FINISHED]
-        flight = self._write(live, admitted, alone)
-        if ahead:
-            flight, self._flight = self._flight, flight
-        if flight is not None:
-            self._land(flight)
+        self._land(wait=False)
+        wrote = self._write(admitted)
+        # a first call written ahead does not wait: the next round writes the second
+        self._land(wait=not (wrote and self._writes_ahead(self.rows)))
         self._drop_finished()
         self.rounds += 1
 
-    def _write(self, live: list[Row], admitted: list[Row], alone: bool) -> _Flight:
-        """This round's two calls, started."""
+    def _write(self, admitted: list[Row]) -> bool:
+        """A call to each tower that is free (and has work), started; whether a context call
+        was."""
+        live = [r for r in self.rows if r.phase != FINISHED]
         by_ref = {r.ref: r for r in self.rows}
-        # AR rows chain tokens only in rounds of AR rows alone: a longer context call would
-        # hold back every diffusion and mock-AR row (in it, or waiting on the round's end)
-        work, prefilling = self._context_work(live, self.limits.ar_steps if alone else 1)
-        work.opened = [r.ref for r in admitted]
-        pushing = {ref for group in work.groups for ref in group.rows}
-        denoise = [r for r in live if r.phase == DENOISE and r.ref not in pushing]
-        mock = [r for r in live
-                if r.phase == SAMPLE and r.mock and r.token is None and r.ref not in pushing]
-        dwork = DenoiserWork(opened=[r.ref for r in admitted if r.mirrored],
-                             deltas=[d for d in self._carried if d.row in by_ref],
-                             groups=self._denoise_groups(denoise),
-                             mock=self._mock_group(mock))
-        pending = self.towers.start(None if work.empty else work,
-                                    None if dwork.empty else dwork)
-        return _Flight(pending, work, dwork, prefilling, denoise, mock, by_ref)
+        work, prefilling = None, []
+        if not self._context_flights or self._writes_ahead(live):
+            # AR rows chain tokens only in calls of AR rows alone: a longer context call
+            # would hold back every diffusion and mock-AR row waiting on it
+            alone = all(r.settings.mode == "ar" for r in live)
+            work, prefilling = self._context_work(live, self.limits.ar_steps if alone else 1)
+            work.opened = [r.ref for r in admitted]
+        dwork, denoise, mock = None, [], []
+        if self._denoiser_flight is None:
+            busy = set().union(*(f.refs for f in self._context_flights))
+            if work is not None:
+                busy |= {ref for group in work.groups for ref in group.rows}
+            denoise = [r for r in live if r.phase == DENOISE and r.commit is None
+                       and r.ref not in busy]
+            mock = [r for r in live
+                    if r.phase == SAMPLE and r.mock and r.token is None and r.ref not in busy]
+            dwork = self._denoiser_work(denoise, mock, by_ref)
+        work = None if work is None or work.empty else work
+        dwork = None if dwork is None or dwork.empty else dwork
+        if work is None and dwork is None:
+            return False
+        pending = self.towers.start(work, dwork)
+        if work is not None:
+            self._context_flights.append(_ContextFlight(pending.context, work, prefilling,
+                                                        by_ref))
+        if dwork is not None:
+            self._carried = []
+            self._denoiser_flight = _DenoiserFlight(pending.denoiser, dwork, denoise, mock,
+                                                    by_ref)
+        return work is not None
 
-    def _land(self, flight: _Flight) -> None:
-        """A round's answers: the context call's tokens and deltas, the denoiser's blocks."""
-        result, dresult = flight.pending.result()
-        self._carried = [] if result is None else result.deltas
-        if result is not None:
+    def _denoiser_work(self, denoise: list[Row], mock: list[Row], by_ref: dict[Ref, Row]
+                       ) -> DenoiserWork:
+        """The deltas carried so far and a step for ``denoise`` and ``mock``; a row is opened
+        on the denoiser with its first delta (its prompt's)."""
+        deltas = [d for d in self._carried if d.row in by_ref]
+        opened = []
+        for row in [by_ref[d.row] for d in deltas] + denoise + mock:
+            if not row.on_denoiser:
+                row.on_denoiser = True
+                opened.append(row.ref)
+        return DenoiserWork(opened=opened, deltas=deltas,
+                            groups=self._denoise_groups(denoise), mock=self._mock_group(mock))
+
+    def _land(self, wait: bool) -> None:
+        """Take the answers that are back (context calls in the order written); ``wait``:
+        first wait for one, if any call is under way."""
+        oldest = self._context_flights[:1] + [self._denoiser_flight]
+        answers = [f.answer for f in oldest if f is not None]
+        if wait and answers:
+            futures_wait(answers, return_when=FIRST_COMPLETED)
+        while self._context_flights and self._context_flights[0].answer.done():
+            flight = self._context_flights.pop(0)
+            result = flight.answer.result()
+            self._carried.extend(result.deltas)
             self._took_context_call(flight.work, result, flight.prefilling, flight.by_ref)
-        if dresult is not None:
-            for row in flight.denoise + flight.mock:
+        dflight = self._denoiser_flight
+        if dflight is not None and dflight.answer.done():
+            self._denoiser_flight = None
+            dresult = dflight.answer.result()
+            for row in dflight.denoise + dflight.mock:
                 row.charge("denoise_seconds", dresult.seconds)
-            _share(flight.denoise + flight.mock, dresult.crossed)
-            self._took_denoiser_step(flight.dwork, dresult.blocks, flight.mock,
-                                     dresult.tokens, flight.by_ref)
+            _share(dflight.denoise + dflight.mock, dresult.crossed)
+            self._took_denoiser_step(dflight.work, dresult.blocks, dflight.mock,
+                                     dresult.tokens, dflight.by_ref)
 
     def _took_context_call(self, work: ContextWork, result: ContextResult,
                            prefilling: list[Row], by_ref: dict[Ref, Row]) -> None:
@@ -344,10 +419,14 @@ class StepScheduler:
                 self._emit_tokens(row, tokens, row.sampled_scores)
 
     def _drop_finished(self) -> None:
+        """Free the finished rows that no call under way still touches."""
+        touched = set().union(*(f.refs for f in self._context_flights))
+        if self._denoiser_flight is not None:
+            touched |= self._denoiser_flight.refs
         kept, freed = [], []
         for row in self.rows:
-            if row.phase == FINISHED:
-                freed.append((row.ref, row.mirrored))
+            if row.phase == FINISHED and row.ref not in touched:
+                freed.append((row.ref, row.on_denoiser))
             else:
                 kept.append(row)
         self.rows = kept
@@ -442,6 +521,8 @@ class StepScheduler:
         for group, nxt in zip(work.groups, blocks):
             for i, ref in enumerate(group.rows):
                 row = by_ref[ref]
+                if row.phase == FINISHED:  # cancelled while this call was under way
+                    continue
                 row.block = nxt[i].clone()
                 row.step_in_block += 1
                 row.result.stats.denoiser_evals += 1
@@ -454,8 +535,9 @@ class StepScheduler:
                     row.commit = row.block
                 row.block = torch.full_like(row.block, mask_id)
         for row, token in zip(mock, tokens):
-            row.result.stats.denoiser_evals += 1
-            self._emit_tokens(row, [token])
+            if row.phase != FINISHED:
+                row.result.stats.denoiser_evals += 1
+                self._emit_tokens(row, [token])
 
     def _emit_tokens(self, row: Row, tokens: list[int], scores: list[TokenScore] = ()
                      ) -> None:

@@ -161,16 +161,16 @@ class TowerPair(Protocol):
 
 
 Result = Union[ContextResult, DenoiserResult]
-Answers = tuple[Optional[ContextResult], Optional[DenoiserResult]]
 
 
 class PendingRound:
-    """A round's two calls, under way or done; ``result`` waits for both (whichever fails)
-    and raises the context call's error first."""
+    """A round's two calls, under way or done: ``context`` and ``denoiser`` are futures of
+    each call's result (None where the round made no call to that tower), so the loop can
+    take one tower's answer while the other still computes."""
 
     def __init__(self, context: "Future[Optional[ContextResult]]",
                  denoiser: "Future[Optional[DenoiserResult]]") -> None:
-        self._context, self._denoiser = context, denoiser
+        self.context, self.denoiser = context, denoiser
 
     @classmethod
     def done(cls, context: Callable[[], Optional[ContextResult]],
@@ -180,13 +180,6 @@ class PendingRound:
         if contexted.exception() is not None:
             return cls(contexted, _settled(lambda: None))
         return cls(contexted, _settled(denoiser))
-
-    def result(self) -> Answers:
-        try:
-            denoised = self._denoiser.result()
-        finally:
-            contexted = self._context.result()
-        return contexted, denoised
 
 
 class RoundCalls:
@@ -216,7 +209,7 @@ class RoundCalls:
         if call is None:
             return _settled(lambda: None)
         if self._helpers is None:
-            # up to two rounds under way at once, each with up to two calls
+            # up to two context calls and a denoiser call under way at once
             self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tower-call")
         return self._helpers.submit(_timed, call)
 

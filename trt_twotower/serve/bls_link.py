@@ -180,9 +180,13 @@ class RemoteTowers:
 
     def settle(self, idle: bool) -> None:
         """Releases ride on the next round's calls; what a round did not carry (it made no
-        call to that tower), or everything once the loop falls idle, goes alone now."""
+        call to that tower, and none is under way there), or everything once the loop falls
+        idle, goes alone now."""
         for model, empty, encode in ((CONTEXT_MODEL, ContextWork, encode_context),
                                      (DENOISER_MODEL, DenoiserWork, encode_denoiser)):
+            under_way = self._answered.get(model)
+            if not idle and under_way is not None and not under_way.is_set():
+                continue  # the next call there carries them
             waited = set(self.waited[model])
             late = [k for k in self.pending[model] if idle or k in waited]
             if late:
