@@ -171,6 +171,34 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_go_on(tiny_model)
     assert results[0].tokens == _session(tiny_model).generate([short])[0].tokens
 
 
+def test_prompts_of_one_length_are_prefilled_in_one_step_with_their_solo_tokens(tiny_model):
+    """Requests admitted together whose prompt chunks have one length push them in one
+    context step, [rows, T], not one per request: here six 9-token prompts (AR and
+    diffusion) in one step and three mock-AR prompts (8 tokens pushed, the last kept back)
+    in another, each request with its solo tokens."""
+    gen = torch.Generator().manual_seed(3)
+    modes = ["ar", "diffusion", "mock-ar"] * 3
+    requests = [Request(torch.randint(4, tiny_model.config.vocab_size, (9,),
+                                      generator=gen).tolist(),
+                        GenerationSettings(mode=mode, max_new_tokens=8, block_size=4,
+                                           steps_per_block=4, temperature=(0.0, 0.9)[i % 2],
+                                           seed=i, stop_at_eos=False))
+                for i, mode in enumerate(modes)]
+    context = TorchContextExecutor(tiny_model)
+    shapes = []
+    step = context.context_step
+    context.context_step = lambda ids, cache: (shapes.append(tuple(ids.shape)),
+                                               step(ids, cache))[1]
+    with TwoTowerSession(context, TorchDenoiserExecutor(tiny_model), tiny_model.config,
+                         MAX_CONTEXT) as session:
+        together = session.generate(requests)
+    prompts = sorted(shape for shape in shapes if shape[1] > 1 and shape[1] != 4)
+    assert prompts == [(3, 8), (6, 9)], "prompts of one length were pushed one by one"
+    solo = _session(tiny_model)
+    for request, result in zip(requests, together):
+        assert result.tokens == solo.generate([request])[0].tokens, request.settings
+
+
 def test_a_batch_handed_over_whole_is_not_refused_by_the_waiting_bound(tiny_model):
     session = _session(tiny_model, limits=SchedulerLimits(capacity=2), max_waiting=1)
     s = GenerationSettings(mode="ar", max_new_tokens=2, stop_at_eos=False)

@@ -436,11 +436,14 @@ class StepScheduler:
 
     # --- the context call ------------------------------------------------------------------
     def _context_work(self, live: list[Row], chain: int) -> tuple[ContextWork, list[Row]]:
-        """Prefill chunks (one group per row: lengths differ), then each block size's
-        commits, then every T = 1 token (AR rows taking up to ``chain`` tokens); returns the
-        work and the rows whose prompt it completes."""
+        """Prefill chunks (rows whose chunks have one length and all end their prompt, or all
+        do not, push together), then each block size's commits, then every T = 1 token (AR
+        rows taking up to ``chain`` tokens); returns the work and the rows whose prompt it
+        completes."""
         work, prefilling, budget = ContextWork(), [], self.limits.prefill_tokens
         tokens = [r for r in live if r.wants_token]  # before this call's own samples
+        chunks: dict[tuple[int, bool], list[tuple[Row, list[int]]]] = {}
+        latest: list[Row] = []
         for row in (r for r in live if r.phase == PREFILL):
             if budget <= 0:
                 break
@@ -449,15 +452,19 @@ class StepScheduler:
             elif row.pending:
                 chunk, row.pending = row.pending[:budget], row.pending[budget:]
                 budget -= len(chunk)
-                done = not row.pending
-                work.groups.append(_group([row], torch.tensor([chunk]),
-                                          sample=done and not row.mock))
+                ends = not row.pending and not row.mock  # an AR row samples its first token
+                chunks.setdefault((len(chunk), ends), []).append((row, chunk))
             if not row.pending:
                 prefilling.append(row)
                 row.phase = DENOISE if row.diffusion else SAMPLE
-                if row.mock:  # its latest prompt token, keeping the states before it
-                    work.groups.append(_group([row], torch.tensor([[row.latest]]),
-                                              keep_previous=True))
+                if row.mock:
+                    latest.append(row)
+        for (_, ends), pushed in chunks.items():
+            work.groups.append(_group([r for r, _ in pushed],
+                                      torch.tensor([c for _, c in pushed]), sample=ends))
+        if latest:  # mock-AR: its latest prompt token, keeping the states before it
+            work.groups.append(_group(latest, torch.tensor([[r.latest] for r in latest]),
+                                      keep_previous=True))
         commits = [r for r in live if r.commit is not None]
         for group in _groups(commits, lambda r: r.settings.block_size):
             work.groups.append(_group(group, torch.stack([r.commit for r in group])))
