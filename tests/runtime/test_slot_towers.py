@@ -1,20 +1,21 @@
-"""The context tower's memory of each AR row's last token (``FROM_TOWER``): a row pushes the
-token sampled for it without the loop sending it back, and a call that does not follow the
-last one of the row is an error, never a wrong token."""
+"""The towers' memory of each row's last step (``FROM_TOWER``): an AR row pushes the token
+sampled for it, and a diffusion row goes on from the block its last step left, without the loop
+sending either back; a call that does not follow the row's last one is an error, never a wrong
+token."""
 
 import pytest
 import torch
 
 from trt_twotower.policy import GenerationError, GenerationSettings
-from trt_twotower.runtime.slot_towers import ContextSlots
-from trt_twotower.runtime.torch_executor import TorchContextExecutor
+from trt_twotower.runtime.slot_towers import ContextSlots, DenoiserSlots
+from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoiserExecutor
 from trt_twotower.runtime.tower_work import FROM_TOWER, Sample
 
 AR = GenerationSettings(mode="ar", max_new_tokens=16, stop_at_eos=False)
 
 
-def _slots(model):
-    slots = ContextSlots(TorchContextExecutor(model), model.config, 4, 32, torch.float32)
+def _slots(model, tower=ContextSlots, executor=TorchContextExecutor):
+    slots = tower(executor(model), model.config, 4, 32, torch.float32)
     for slot in range(4):
         slots.empty(slot)
     return slots
@@ -101,3 +102,27 @@ def test_rows_side_by_side_in_the_pool_step_as_a_view_in_any_order(tiny_model):
     in_order, reversed_order = run([0, 1, 2]), run([2, 1, 0])
     assert reversed_order[:2] == in_order[:2]
     assert all(reversed_order[2]) and len(reversed_order[2]) == 3
+
+
+def test_a_block_going_on_in_the_tower_equals_the_loop_sending_it_back(tiny_model):
+    """The denoiser's memory of each row's last step (``FROM_TOWER`` blocks): a step written
+    before the last one's answer equals the loop sending that answer back with the next step
+    key and one step fewer; a row whose block resolved there takes no step and gets
+    FROM_TOWER back, beside a row that steps; a slot the denoiser never stepped is refused."""
+    mask, s = tiny_model.config.mask_token_id, 4
+    settings = [GenerationSettings(block_size=s, steps_per_block=4, temperature=0.9, seed=3,
+                                   confidence_threshold=0.5),
+                GenerationSettings(block_size=s, steps_per_block=4, forced_commits=4, seed=4)]
+    start = torch.full((2, s), mask)
+    own, sent = (_slots(tiny_model, DenoiserSlots, TorchDenoiserExecutor) for _ in range(2))
+    first = own.denoise([0, 2], start, settings, [8, 8], [4, 4])
+    assert torch.equal(first, sent.denoise([0, 2], start, settings, [8, 8], [4, 4]))
+    assert (first[0] == mask).any() and not (first[1] == mask).any()  # row 2 resolved
+    going_on = own.denoise([0, 2], torch.full((2, s), FROM_TOWER), settings,
+                           [FROM_TOWER] * 2, [FROM_TOWER] * 2)
+    expected = sent.denoise([0], first[:1], settings[:1], [9], [3])
+    assert torch.equal(going_on[0], expected[0])
+    assert (going_on[1] == FROM_TOWER).all()
+    with pytest.raises(GenerationError, match="never stepped"):
+        own.denoise([1], torch.full((1, s), FROM_TOWER), settings[:1], [FROM_TOWER],
+                    [FROM_TOWER])

@@ -15,7 +15,8 @@ from trt_twotower.runtime.cache import CacheFullError
 from trt_twotower.runtime.scheduler import SchedulerLimits
 from trt_twotower.runtime.session import Request, TwoTowerSession
 from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoiserExecutor
-from trt_twotower.runtime.tower_work import ContextWork, DenoiserWork, ExtendGroup, MockGroup
+from trt_twotower.runtime.tower_work import (FROM_TOWER, ContextWork, DenoiseGroup,
+                                             DenoiserWork, ExtendGroup, MockGroup)
 from trt_twotower.serve.bls_link import TowerCallError, TowerCallOutOfOrder, direct_call
 from trt_twotower.serve.orchestrator import Orchestrator
 from trt_twotower.serve.repository import CONTEXT_MODEL, DENOISER_MODEL
@@ -337,6 +338,23 @@ def test_malformed_round_tensors_are_one_clear_error(towers, change, needle):
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.parametrize("block, steps_left, needle", [
+    ([3, FROM_TOWER, 3, 3], 2, "either all -1"),
+    ([3, 3, 3, 3], 0, "steps_left must be at least 1"),
+])
+def test_malformed_denoiser_blocks_are_one_clear_error(tiny_model, towers, block, steps_left,
+                                                       needle):
+    """A block goes on from the tower's last step only whole (every id FROM_TOWER, its key
+    and steps left the tower's own); any other block needs its steps left."""
+    _, denoiser = towers
+    key = SequenceKey.new()
+    handle(denoiser, encode_denoiser(DenoiserWork(opened=[key]), SECRET), SECRET)
+    group = DenoiseGroup([key], torch.tensor([block]), [GenerationSettings(block_size=4)], [0],
+                         [steps_left])
+    with pytest.raises(TowerRequestError, match=needle):
+        handle(denoiser, encode_denoiser(DenoiserWork(groups=[group]), SECRET), SECRET)
+
+
 def test_a_tower_error_reaches_the_caller_as_one_call_error(towers):
     call = direct_call(*towers, SECRET)
     with pytest.raises(TowerCallError, match="^context_tower: sequence .* is not open"):
@@ -489,6 +507,27 @@ def test_ar_rounds_start_before_the_last_is_answered_with_the_same_tokens(tiny_m
     context = sorted((s[1], s[2]) for s in spans if s[0] == CONTEXT_MODEL and s[3])
     ahead = [(a, b) for a, b in zip(context, context[1:]) if b[0] < a[1]]
     assert len(ahead) >= 3, "each AR round waited for the last one's answer"
+    assert all(t.stats()["live_sequences"] == 0 for t in towers)
+
+
+def test_denoiser_calls_start_before_the_last_is_answered_with_the_same_tokens(tiny_model,
+                                                                              towers, rng):
+    """Towers in other processes: a denoiser call is written and sent while the last one
+    computes (each here takes 20 ms more, so calls in turn would never overlap). A row mid-
+    block goes on from the block the tower's last step left it; one whose block resolved
+    there takes no step. Mixed modes, γ, temperatures and budgets: each request's solo tokens
+    and denoiser evaluations, and no sequence left open."""
+    slow, spans = _slow_calls(towers, 0.02, only=DENOISER_MODEL)
+    orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
+                                SchedulerLimits(capacity=8), max_waiting=16)
+    jobs = _mixed(tiny_model, rng, 9)
+    collected = _run(orchestrator, jobs)
+    for got, alone in zip(collected, _solo(tiny_model, tiny_model.config, jobs)):
+        assert got.error is None and got.result.tokens == alone.tokens
+        assert got.result.stats.denoiser_evals == alone.stats.denoiser_evals
+    denoiser = sorted((s[1], s[2]) for s in spans if s[0] == DENOISER_MODEL and s[3])
+    ahead = [(a, b) for a, b in zip(denoiser, denoiser[1:]) if b[0] < a[1]]
+    assert len(ahead) >= 3, "each denoiser call waited for the last one's answer"
     assert all(t.stats()["live_sequences"] == 0 for t in towers)
 
 

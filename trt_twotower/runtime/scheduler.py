@@ -123,6 +123,7 @@ class Row:
         self.sampled_scores: list[TokenScore] = []
         self.cancel_requested = False
         self.on_denoiser = False                      # opened in the denoiser's pool
+        self.written_block: Optional[int] = None      # block index of its last denoiser step
 
     @property
     def diffusion(self) -> bool:
@@ -218,10 +219,10 @@ class StepScheduler:
         self.waiting: list[Row] = []
         self.rows: list[Row] = []
         self._carried: list[Delta] = []   # landed context calls' deltas, for the denoiser
-        # calls under way, their answers not taken: context calls in the order written (two
-        # only while AR rows alone are written ahead), at most one denoiser call
+        # calls under way, their answers not taken, per tower in the order written (two only
+        # while one is written ahead)
         self._context_flights: list[_ContextFlight] = []
-        self._denoiser_flight: Optional[_DenoiserFlight] = None
+        self._denoiser_flights: list[_DenoiserFlight] = []
         self.rounds = 0
 
     # --- admission -----------------------------------------------------------------------
@@ -254,7 +255,7 @@ class StepScheduler:
                 answer.result()
             except Exception:  # noqa: BLE001 - the round's own error is the one reported
                 pass
-        self._context_flights, self._denoiser_flight = [], None
+        self._context_flights, self._denoiser_flights = [], []
         for row in self.waiting + self.rows:
             row.phase = FINISHED
         self.waiting, self.rows, self._carried = [], [], []
@@ -270,8 +271,8 @@ class StepScheduler:
             self.round()
 
     def _answers(self) -> list[Future]:
-        flights: list = self._context_flights + [self._denoiser_flight]
-        return [f.answer for f in flights if f is not None]
+        flights: list = self._context_flights + self._denoiser_flights
+        return [f.answer for f in flights]
 
     def _admit(self) -> list[Row]:
         """Waiting requests into free slots, opened by this round's context call: none while
@@ -292,6 +293,12 @@ class StepScheduler:
             self.rows.append(row)
             admitted.append(row)
         return admitted
+
+    def _denoises_ahead(self) -> bool:
+        """The next denoiser call may start before the one under way is answered: its
+        diffusion rows go on from the blocks the tower's last step left them (``FROM_TOWER``),
+        so the tower computes while the loop takes the last answer and writes the next."""
+        return self.towers.ahead and len(self._denoiser_flights) == 1
 
     def _writes_ahead(self, rows: list[Row]) -> bool:
         """The next context call may start before the one under way is answered: towers that
@@ -326,8 +333,9 @@ class StepScheduler:
                 row.result.cancelled, row.phase = True, FINISHED
         self._land(wait=False)
         wrote = self._write(admitted)
-        # a first call written ahead does not wait: the next round writes the second
-        self._land(wait=not (wrote and self._writes_ahead(self.rows)))
+        # after a call that a second may follow ahead, the next round writes that one first
+        self._land(wait=not (wrote and (self._writes_ahead(self.rows)
+                                        or self._denoises_ahead())))
         self._drop_finished()
         self.rounds += 1
 
@@ -344,12 +352,13 @@ class StepScheduler:
             work, prefilling = self._context_work(live, self.limits.ar_steps if alone else 1)
             work.opened = [r.ref for r in admitted]
         dwork, denoise, mock = None, [], []
-        if self._denoiser_flight is None:
+        if not self._denoiser_flights or self._denoises_ahead():
             busy = set().union(*(f.refs for f in self._context_flights))
             if work is not None:
                 busy |= {ref for group in work.groups for ref in group.rows}
             denoise = [r for r in live if r.phase == DENOISE and r.commit is None
                        and r.ref not in busy]
+            busy |= {r.ref for f in self._denoiser_flights for r in f.mock}
             mock = [r for r in live
                     if r.phase == SAMPLE and r.mock and r.token is None and r.ref not in busy]
             dwork = self._denoiser_work(denoise, mock, by_ref)
@@ -363,28 +372,36 @@ class StepScheduler:
                                                         by_ref))
         if dwork is not None:
             self._carried = []
-            self._denoiser_flight = _DenoiserFlight(pending.denoiser, dwork, denoise, mock,
-                                                    by_ref)
+            self._denoiser_flights.append(_DenoiserFlight(pending.denoiser, dwork, denoise,
+                                                          mock, by_ref))
         return work is not None
 
     def _denoiser_work(self, denoise: list[Row], mock: list[Row], by_ref: dict[Ref, Row]
                        ) -> DenoiserWork:
         """The deltas carried so far and a step for ``denoise`` and ``mock``; a row is opened
-        on the denoiser with its first delta (its prompt's)."""
+        on the denoiser with its first delta (its prompt's). A row stepping in the call under
+        way goes on from the block that step leaves it (``FROM_TOWER``) unless the loop saw
+        that block resolve since."""
         deltas = [d for d in self._carried if d.row in by_ref]
         opened = []
         for row in [by_ref[d.row] for d in deltas] + denoise + mock:
             if not row.on_denoiser:
                 row.on_denoiser = True
                 opened.append(row.ref)
+        under_way = {r.ref for f in self._denoiser_flights for r in f.denoise}
+        going_on = {r.ref for r in denoise
+                    if r.ref in under_way and r.block_index == r.written_block}
+        for row in denoise:
+            row.written_block = row.block_index
         return DenoiserWork(opened=opened, deltas=deltas,
-                            groups=self._denoise_groups(denoise), mock=self._mock_group(mock))
+                            groups=self._denoise_groups(denoise, going_on),
+                            mock=self._mock_group(mock))
 
     def _land(self, wait: bool) -> None:
-        """Take the answers that are back (context calls in the order written); ``wait``:
+        """Take the answers that are back (each tower's in the order written); ``wait``:
         first wait for one, if any call is under way."""
-        oldest = self._context_flights[:1] + [self._denoiser_flight]
-        answers = [f.answer for f in oldest if f is not None]
+        oldest: list = self._context_flights[:1] + self._denoiser_flights[:1]
+        answers = [f.answer for f in oldest]
         if wait and answers:
             futures_wait(answers, return_when=FIRST_COMPLETED)
         while self._context_flights and self._context_flights[0].answer.done():
@@ -392,9 +409,8 @@ class StepScheduler:
             result = flight.answer.result()
             self._carried.extend(result.deltas)
             self._took_context_call(flight.work, result, flight.prefilling, flight.by_ref)
-        dflight = self._denoiser_flight
-        if dflight is not None and dflight.answer.done():
-            self._denoiser_flight = None
+        while self._denoiser_flights and self._denoiser_flights[0].answer.done():
+            dflight = self._denoiser_flights.pop(0)
             dresult = dflight.answer.result()
             for row in dflight.denoise + dflight.mock:
                 row.charge("denoise_seconds", dresult.seconds)
@@ -421,8 +437,8 @@ class StepScheduler:
     def _drop_finished(self) -> None:
         """Free the finished rows that no call under way still touches."""
         touched = set().union(*(f.refs for f in self._context_flights))
-        if self._denoiser_flight is not None:
-            touched |= self._denoiser_flight.refs
+        for dflight in self._denoiser_flights:
+            touched |= dflight.refs
         kept, freed = [], []
         for row in self.rows:
             if row.phase == FINISHED and row.ref not in touched:
@@ -506,10 +522,17 @@ class StepScheduler:
                     row.sampled, row.sampled_scores = taken, scores
 
     # --- the denoiser call -----------------------------------------------------------------
-    def _denoise_groups(self, rows: list[Row]) -> list[DenoiseGroup]:
-        return [DenoiseGroup([r.ref for r in g], torch.stack([r.block for r in g]),
-                             [r.settings for r in g], [r.diffusion_key for r in g],
-                             [r.settings.steps_per_block - r.step_in_block for r in g])
+    def _denoise_groups(self, rows: list[Row], going_on: set[Ref]) -> list[DenoiseGroup]:
+        """One group per block size; a row in ``going_on`` sends FROM_TOWER for its block,
+        step key and steps left."""
+        def block(r: Row) -> torch.Tensor:
+            return torch.full_like(r.block, FROM_TOWER) if r.ref in going_on else r.block
+
+        def own(r: Row, value: int) -> int:
+            return FROM_TOWER if r.ref in going_on else value
+        return [DenoiseGroup([r.ref for r in g], torch.stack([block(r) for r in g]),
+                             [r.settings for r in g], [own(r, r.diffusion_key) for r in g],
+                             [own(r, r.settings.steps_per_block - r.step_in_block) for r in g])
                 for g in _groups(rows, lambda r: r.settings.block_size)]
 
     @staticmethod
@@ -526,9 +549,10 @@ class StepScheduler:
             by_ref[delta.row].result.stats.handoff_bytes += delta.size
         mask_id = self.config.mask_token_id
         for group, nxt in zip(work.groups, blocks):
+            skipped = (nxt[:, 0] == FROM_TOWER).tolist()  # its block resolved a step before
             for i, ref in enumerate(group.rows):
                 row = by_ref[ref]
-                if row.phase == FINISHED:  # cancelled while this call was under way
+                if row.phase == FINISHED or skipped[i]:  # or cancelled meanwhile
                     continue
                 row.block = nxt[i].clone()
                 row.step_in_block += 1

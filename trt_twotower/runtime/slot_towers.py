@@ -204,9 +204,13 @@ class DenoiserSlots:
         self.pool = StepCache.allocate(config, capacity, max_context, dtype, executor.device)
         self.previous = {n: torch.zeros_like(self.pool.tensors[n])
                          for n in self.pool.mamba_names()}
+        # per slot, after its last diffusion step: the block ids, that step's key and steps
+        # left, and whether the block resolved (so a step written ahead continues from here)
+        self.last: dict[int, tuple[torch.Tensor, int, int, bool]] = {}
 
     def empty(self, slot: int) -> None:
         _empty(self.pool, slot)
+        self.last.pop(slot, None)
 
     def keep_previous(self, slot: int) -> None:
         """Keep the copy's Mamba states before a one-token delta: the "S−2" view."""
@@ -240,17 +244,50 @@ class DenoiserSlots:
                 settings: list[GenerationSettings], step_keys: list[int],
                 steps_left: list[int]) -> torch.Tensor:
         """One diffusion step of blocks [R, S]: the next block ids [R, S]. Rows the fused op
-        can serve take it together; the others get logits and the policy."""
-        nxt = blocks.clone()
-        fused = [i for i, s in enumerate(settings) if self.fused(s)]
-        plain = [i for i, s in enumerate(settings) if not self.fused(s)]
+        can serve take it together; the others get logits and the policy.
+
+        A row whose block ids are ``FROM_TOWER`` continues the block its last step here left
+        (with the next step key and one step fewer): the loop wrote the step before it had
+        the last one's answer. If that block resolved, the row takes no step and gets
+        ``FROM_TOWER`` back."""
+        blocks, step_keys, steps_left, going = self._own_blocks(slots, blocks, step_keys,
+                                                                steps_left)
+        nxt = torch.full_like(blocks, FROM_TOWER)
+        fused = [i for i in going if self.fused(settings[i])]
+        plain = [i for i in going if not self.fused(settings[i])]
         for rows, step in ((fused, self._fused_step), (plain, self._policy_step)):
             rows.sort(key=slots.__getitem__)  # side by side in the pool: a view, not a copy
             if rows:
                 nxt[rows] = step([slots[i] for i in rows], blocks[rows],
                                  [settings[i] for i in rows], [step_keys[i] for i in rows],
                                  [steps_left[i] for i in rows])
+        masked = (nxt[going] == self.config.mask_token_id).any(dim=1).tolist()
+        for i, masks_left in zip(going, masked):
+            self.last[slots[i]] = (nxt[i].clone(), step_keys[i], steps_left[i],
+                                   steps_left[i] <= 1 or not masks_left)
         return nxt
+
+    def _own_blocks(self, slots: list[int], blocks: torch.Tensor, step_keys: list[int],
+                    steps_left: list[int]
+                    ) -> tuple[torch.Tensor, list[int], list[int], list[int]]:
+        """The inputs with each ``FROM_TOWER`` row's block, key and steps left taken from its
+        last step, and the rows that step (not those whose block resolved)."""
+        own = (blocks[:, 0] == FROM_TOWER).tolist()
+        if not any(own):
+            return blocks, step_keys, steps_left, list(range(len(slots)))
+        blocks, step_keys, steps_left = blocks.clone(), list(step_keys), list(steps_left)
+        going = []
+        for i, slot in enumerate(slots):
+            if own[i]:
+                if slot not in self.last:
+                    raise GenerationError("a row continued a block the denoiser never "
+                                          "stepped")
+                block, key, left, resolved = self.last[slot]
+                if resolved:
+                    continue
+                blocks[i], step_keys[i], steps_left[i] = block, key + 1, left - 1
+            going.append(i)
+        return blocks, step_keys, steps_left, going
 
     def _inputs(self, slots: list[int], blocks: torch.Tensor
                 ) -> tuple[torch.Tensor, StepCache]:

@@ -23,7 +23,7 @@ import torch
 
 from ..runtime.cache_delta import HEADER_BYTES
 from ..policy import TokenScore
-from ..runtime.tower_work import (ContextResult, ContextWork, Delta, DenoiseGroup,
+from ..runtime.tower_work import (FROM_TOWER, ContextResult, ContextWork, Delta, DenoiseGroup,
                                   DenoiserResult, DenoiserWork, ExtendGroup, MockGroup, Sample)
 from .towers import (ContextTower, DenoiserTower, SequenceKey, TowerRequestError,
                      settings_from_json, settings_to_json)
@@ -261,12 +261,19 @@ def _denoiser_work(inputs: Inputs) -> DenoiserWork:
     steps_left = _get(inputs, "steps_left")
     for name, value in (("settings", settings), ("step_key", keys), ("steps_left", steps_left)):
         _need_length(name, value, len(rows))
-    if steps_left.size and steps_left.min() < 1:
-        raise TowerRequestError("steps_left must be at least 1")
     settings = _settings(settings)
     groups = [DenoiseGroup(rows[at], ids, settings[at], keys[at].astype(int).tolist(),
                            steps_left[at].astype(int).tolist())
               for at, ids in _groups(inputs, len(rows))]
+    for group in groups:
+        marked = group.blocks == FROM_TOWER
+        going_on = marked.all(dim=1)
+        if bool((marked.any(dim=1) != going_on).any()):
+            raise TowerRequestError(f"a block is either all {FROM_TOWER} (it goes on from the "
+                                    f"tower's last step) or ids")
+        if min((n for n, own in zip(group.steps_left, going_on.tolist()) if not own),
+               default=1) < 1:
+            raise TowerRequestError("steps_left must be at least 1")
     mock_rows = _read_keys(inputs, "mock")
     mock = None
     if mock_rows:
