@@ -340,8 +340,7 @@ class StepScheduler:
         self.rounds += 1
 
     def _write(self, admitted: list[Row]) -> bool:
-        """A call to each tower that is free (and has work), started; whether a context call
-        was."""
+        """A call to each tower that is free (and has work), started; whether one was."""
         live = [r for r in self.rows if r.phase != FINISHED]
         by_ref = {r.ref: r for r in self.rows}
         work, prefilling = None, []
@@ -374,7 +373,7 @@ class StepScheduler:
             self._carried = []
             self._denoiser_flights.append(_DenoiserFlight(pending.denoiser, dwork, denoise,
                                                           mock, by_ref))
-        return work is not None
+        return True
 
     def _denoiser_work(self, denoise: list[Row], mock: list[Row], by_ref: dict[Ref, Row]
                        ) -> DenoiserWork:
