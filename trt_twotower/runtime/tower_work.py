@@ -1,10 +1,11 @@
 """What the step loop asks of the two towers in one round, and what it gets back.
 
-A round is two calls, one per tower, whatever the number of rows: the context tower's (open the
-new rows' caches, push prompt chunks, committed blocks and sampled tokens, sample the AR rows'
-next tokens, free finished rows) and the denoiser's (open, take the last context call's cache
-deltas, one diffusion step for every row mid-block, one mock-AR step, free). The two serve
-disjoint rows, so towers on two devices or in two processes run them at the same time. The loop
+A round writes at most one call per tower, whatever the number of rows: the context tower's
+(open the new rows' caches, push prompt chunks, committed blocks and sampled tokens, sample the
+AR rows' next tokens, free finished rows) and the denoiser's (open, take the cache deltas of the
+context calls answered since its last call, one diffusion step for every row mid-block, one
+mock-AR step, free). The two serve disjoint rows, so towers on two devices or in two processes
+run them at the same time. The loop
 (``scheduler.py``) writes this work; a tower pair carries it out — in this process
 (``local_towers.py``) or in two Triton tower models (``trt_twotower.serve``), where each call is
 one batched request and only ids, settings and cache deltas cross.
@@ -132,9 +133,9 @@ class DenoiserResult:
 
 class TowerPair(Protocol):
     """The two towers as the loop drives them. ``new_ref`` names a row before it is opened;
-    ``capacity`` rows can be open at once. ``ahead``: a round's calls may be started before
-    the last round's answers are back (the towers run calls in the order they were started),
-    so the loop writes the next round of AR rows while the current one computes."""
+    ``capacity`` rows can be open at once. ``ahead``: a tower's call may be started before its
+    last one's answer is back (the towers run calls in the order they were started), so the
+    loop writes the next AR or diffusion step while the current one computes."""
 
     capacity: int
     ahead: bool
@@ -209,7 +210,7 @@ class RoundCalls:
         if call is None:
             return _settled(lambda: None)
         if self._helpers is None:
-            # up to two context calls and a denoiser call under way at once
+            # up to two calls per tower under way at once (the second written ahead)
             self._helpers = ThreadPoolExecutor(4, thread_name_prefix="tower-call")
         return self._helpers.submit(_timed, call)
 
