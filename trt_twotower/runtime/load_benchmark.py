@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Optional, Protocol
 
 from ..policy import GenerationSettings
-from .scheduler import Request
+from .rows import Request
 from .session import TwoTowerSession
 
 OnIds = Callable[[list[int]], None]

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, TextIO
 from ..errors import TwoTowerError
 from ..policy import GenerationError, GenerationSettings
 from .cache import CacheFullError
-from .scheduler import Request, RequestResult
+from .rows import Request, RequestResult
 
 LINE_SETTINGS = {f.name for f in dataclasses.fields(GenerationSettings)} - {"block_size"}
 

@@ -25,8 +25,8 @@ from ..config import TwoTowerConfig
 from ..policy import GenerationError, GenerationSettings
 from .executor import ContextExecutor, DenoiserExecutor
 from .local_towers import LocalTowers
-from .scheduler import (FINISHED, OnDelta, Request, RequestResult, RequestStats, Row,
-                        SchedulerLimits, StepScheduler)
+from .rows import FINISHED, OnDelta, Request, RequestResult, RequestStats, Row
+from .scheduler import SchedulerLimits, StepScheduler
 from .tower_work import TowerPair
 
 __all__ = ["Handle", "OnDelta", "Request", "RequestResult", "RequestStats", "SessionBusy",

@@ -23,7 +23,8 @@ from typing import Optional, Protocol
 
 from ..config import TwoTowerConfig
 from ..policy import GenerationSettings, TokenScore
-from ..runtime.scheduler import Request, RequestResult, SchedulerLimits
+from ..runtime.rows import Request, RequestResult
+from ..runtime.scheduler import SchedulerLimits
 from ..runtime.session import Handle, TwoTowerSession
 from .bls_link import RemoteTowers, TowerCall
 
