@@ -78,15 +78,24 @@ def test_stopping_after_the_server_crashed_kills_its_stubs_and_unlinks_their_reg
 
 
 def test_a_server_counts_as_listening_only_once_both_its_ports_are_open(tmp_path):
-    """tritonserver opens its gRPC port before its HTTP port; a request sent in between was
-    refused (seen in CI), so readiness waits for both lines of this server's own log."""
+    """tritonserver opens its gRPC port before its HTTP port, and logs the HTTP port as started
+    before it takes connections; a request sent in between was refused (seen in CI twice), so
+    readiness waits for both lines of this server's own log and a connection to its HTTP
+    port."""
+    import socket
+
     from trt_twotower.serve.server import TritonServer
-    server = TritonServer(tmp_path / "repo", tmp_path, grpc_port=40001, http_port=40002)
-    lines = ['I1130 grpc_server.cc:2558] "Started GRPCInferenceService at 127.0.0.1:40001"',
-             'I1130 http_server.cc:4713] "Started HTTPService at 127.0.0.1:40002"']
-    server.log.write_text(lines[0] + "\n")
-    assert not server._listening()
-    server.log.write_text("\n".join(lines) + "\n")
-    assert server._listening()
-    server.log.write_text(lines[0] + "\n" + lines[1].replace("40002", "40003") + "\n")
-    assert not server._listening(), "another server's HTTP port"
+    with socket.socket() as http:
+        http.bind(("127.0.0.1", 0))
+        port = http.getsockname()[1]
+        server = TritonServer(tmp_path / "repo", tmp_path, grpc_port=40001, http_port=port)
+        lines = ['I1130 grpc_server.cc:2558] "Started GRPCInferenceService at 127.0.0.1:40001"',
+                 f'I1130 http_server.cc:4713] "Started HTTPService at 127.0.0.1:{port}"']
+        server.log.write_text(lines[0] + "\n")
+        assert not server._listening()
+        server.log.write_text("\n".join(lines) + "\n")
+        assert not server._listening(), "logged as started, not yet listening"
+        http.listen()
+        assert server._listening()
+        server.log.write_text(lines[0] + "\n" + lines[1].replace(str(port), "1") + "\n")
+        assert not server._listening(), "another server's HTTP port"

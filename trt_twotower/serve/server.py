@@ -99,6 +99,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _accepts(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
 def check_ports_free(address: str, ports: Iterable[int]) -> None:
     """Bind each port as tritonserver will: a port someone else holds would otherwise let the
     other server answer our readiness check. SO_REUSEADDR, as servers set it, so that sockets
@@ -308,10 +316,14 @@ class TritonServer:
                           f"{log_cause(self.log)}")
 
     def _listening(self) -> bool:
+        """Both services logged as started by this server, and its HTTP port takes a
+        connection: CI saw a request refused between the log line and the listening socket
+        (gRPC is checked by the readiness call itself)."""
         log = self.log.read_text(errors="replace")
         return all(re.search(rf'Started {service} at .*:{port}"$', log, re.MULTILINE)
                    for service, port in (("GRPCInferenceService", self.grpc_port),
-                                         ("HTTPService", self.http_port)))
+                                         ("HTTPService", self.http_port))) \
+            and _accepts(self.address, self.http_port)
 
     def stop(self, graceful: bool = True, timeout: float = STOP_GRACE_S) -> Optional[int]:
         """Stop the server and return its exit code. Gracefully (SIGTERM, in-flight work gets
