@@ -77,8 +77,8 @@ class Row:
         self.latest = prompt[-1]
         self.block = torch.full((self.settings.block_size,), mask_id, dtype=torch.long)
         self.block_index = self.step_in_block = self.step = 0
-        self.commit: Optional[torch.Tensor] = None    # a resolved block to push next round
-        self.token: Optional[int] = None              # a token to push next round (AR rows:
+        self.commit: Optional[torch.Tensor] = None    # a resolved block to push next
+        self.token: Optional[int] = None              # a token to push next (AR rows:
         #                                               FROM_TOWER, the one sampled there)
         self.requested = 0                            # AR: tokens asked of the context tower
         self.sampled: list[int] = []                  # AR: the context tower's next tokens
