@@ -194,6 +194,13 @@ def commit_counts(masked: torch.Tensor, confidence: torch.Tensor,
     return torch.where(steps <= 1, n, torch.minimum(torch.maximum(k, min_commit), n))
 
 
+def block_resolved(masks_left: bool, steps_left: int) -> bool:
+    """A block is done after a step that left no mask or was its last (``steps_left`` 1, the
+    steps it had before that step): the loop and a tower going on from its own last step
+    decide it alike."""
+    return not masks_left or steps_left <= 1
+
+
 def commit_step(
     block: torch.Tensor,
     pred: torch.Tensor,

@@ -24,8 +24,8 @@ class LocalTowers:
     """``at_once``: run a round's two calls at the same time (default: when the executors
     are on different devices; one device runs one call at a time).
 
-    Calls run before ``start`` returns (``ahead`` is False): there is no round trip to hide
-    in one process, and a call written ahead would only hold back the last one's tokens."""
+    No call is written ahead (``ahead`` is False): there is no round trip to hide in one
+    process, and a call written ahead would only hold back the last one's tokens."""
 
     ahead = False
 
@@ -58,8 +58,8 @@ class LocalTowers:
     def new_ref(self) -> Ref:
         return self.free.pop()
 
-    def release(self, refs: list[tuple[Ref, bool]]) -> None:
-        self.free.extend(ref for ref, _ in refs)
+    def release(self, refs: list[Ref]) -> None:
+        self.free.extend(refs)
 
     def settle(self, idle: bool) -> None:
         """Nothing waits: slots come back when released."""

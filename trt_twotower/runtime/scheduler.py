@@ -28,6 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import policy
 from ..config import TwoTowerConfig
 from ..policy import GenerationError, TokenScore
 from .cache import CacheFullError
@@ -315,7 +316,7 @@ class StepScheduler:
         kept, freed = [], []
         for row in self.rows:
             if row.phase == FINISHED and row.ref not in touched:
-                freed.append((row.ref, row.on_denoiser))
+                freed.append(row.ref)
             else:
                 kept.append(row)
         self.rows = kept
@@ -331,7 +332,8 @@ class StepScheduler:
         completes."""
         work, prefilling, budget = ContextWork(), [], self.limits.prefill_tokens
         tokens = [r for r in live if r.wants_token]  # before this call's own samples
-        chunks: dict[tuple[int, bool], list[tuple[Row, list[int]]]] = {}
+        chunked: list[Row] = []
+        chunk_of: dict[Row, list[int]] = {}
         latest: list[Row] = []
         for row in (r for r in live if r.phase == PREFILL):
             if budget <= 0:
@@ -339,18 +341,19 @@ class StepScheduler:
             if row.pending and row.scores_prompt:
                 budget -= self._scored_prefill(work, row, budget)
             elif row.pending:
-                chunk, row.pending = row.pending[:budget], row.pending[budget:]
-                budget -= len(chunk)
-                ends = not row.pending and not row.mock  # an AR row samples its first token
-                chunks.setdefault((len(chunk), ends), []).append((row, chunk))
+                chunk_of[row], row.pending = row.pending[:budget], row.pending[budget:]
+                budget -= len(chunk_of[row])
+                chunked.append(row)
             if not row.pending:
                 prefilling.append(row)
                 row.phase = DENOISE if row.diffusion else SAMPLE
                 if row.mock:
                     latest.append(row)
-        for (_, ends), pushed in chunks.items():
-            work.groups.append(_group([r for r, _ in pushed],
-                                      torch.tensor([c for _, c in pushed]), sample=ends))
+        def ends(r: Row) -> bool:  # its prompt's last chunk: an AR row samples its first token
+            return not r.pending and not r.mock
+        for group in _groups(chunked, lambda r: (len(chunk_of[r]), ends(r))):
+            work.groups.append(_group(group, torch.tensor([chunk_of[r] for r in group]),
+                                      sample=ends(group[0])))
         if latest:  # mock-AR: its latest prompt token, keeping the states before it
             work.groups.append(_group(latest, torch.tensor([[r.latest] for r in latest]),
                                       keep_previous=True))
@@ -423,15 +426,16 @@ class StepScheduler:
         mask_id = self.config.mask_token_id
         for group, nxt in zip(work.groups, blocks):
             skipped = (nxt[:, 0] == FROM_TOWER).tolist()  # its block resolved a step before
+            masked = (nxt == mask_id).any(dim=1).tolist()
             for i, ref in enumerate(group.rows):
                 row = by_ref[ref]
                 if row.phase == FINISHED or skipped[i]:  # or cancelled meanwhile
                     continue
+                steps_left = row.settings.steps_per_block - row.step_in_block
                 row.block = nxt[i].clone()
                 row.step_in_block += 1
                 row.result.stats.denoiser_evals += 1
-                masks_left = bool((row.block == mask_id).any())
-                if masks_left and row.step_in_block < row.settings.steps_per_block:
+                if not policy.block_resolved(masked[i], steps_left):
                     continue
                 row.emit(row.block.tolist(), self.config.eos_token_id)
                 row.step_in_block, row.block_index = 0, row.block_index + 1

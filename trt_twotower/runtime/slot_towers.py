@@ -264,7 +264,7 @@ class DenoiserSlots:
         masked = (nxt[going] == self.config.mask_token_id).any(dim=1).tolist()
         for i, masks_left in zip(going, masked):
             self.last[slots[i]] = (nxt[i].clone(), step_keys[i], steps_left[i],
-                                   steps_left[i] <= 1 or not masks_left)
+                                   policy.block_resolved(masks_left, steps_left[i]))
         return nxt
 
     def _own_blocks(self, slots: list[int], blocks: torch.Tensor, step_keys: list[int],

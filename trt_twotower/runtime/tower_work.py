@@ -5,10 +5,10 @@ A round writes at most one call per tower, whatever the number of rows: the cont
 AR rows' next tokens, free finished rows) and the denoiser's (open, take the cache deltas of the
 context calls answered since its last call, one diffusion step for every row mid-block, one
 mock-AR step, free). The two serve disjoint rows, so towers on two devices or in two processes
-run them at the same time. The loop
-(``scheduler.py``) writes this work; a tower pair carries it out — in this process
-(``local_towers.py``) or in two Triton tower models (``trt_twotower.serve``), where each call is
-one batched request and only ids, settings and cache deltas cross.
+run them at the same time. The loop (``scheduler.py``) writes this work; a tower pair carries
+it out — in this process (``local_towers.py``) or in two Triton tower models
+(``trt_twotower.serve``), where each call is one batched request and only ids, settings and
+cache deltas cross.
 
 Rows are named by a ``Ref`` the pair issues when it opens them (a slot number in process, a
 random sequence key in Triton); the loop never looks inside one.
@@ -28,9 +28,10 @@ from ..policy import GenerationSettings, TokenScore
 
 Ref = Hashable
 
-# An AR row's input id meaning "the token this tower sampled for the row last": an AR row's
-# tokens never travel back into the tower that sampled them, so the loop can write a row's
-# next step before the last one's answer is back.
+# An input meaning "what this tower's last step for the row left": an AR row's id (the token
+# sampled for it last), a diffusion row's block, step key and steps left (the block its last
+# denoiser step left). What a tower computed never travels back into it, so the loop can write
+# a row's next step before the last one's answer is back.
 FROM_TOWER = -1
 
 
@@ -148,8 +149,8 @@ class TowerPair(Protocol):
         two touch disjoint rows: a pair whose towers run apart runs them at once."""
         ...
 
-    def release(self, refs: list[tuple[Ref, bool]]) -> None:
-        """Free finished rows (each with whether the denoiser holds it)."""
+    def release(self, refs: list[Ref]) -> None:
+        """Free finished rows (on each tower that holds them)."""
         ...
 
     def settle(self, idle: bool) -> None:

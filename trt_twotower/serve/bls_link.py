@@ -171,8 +171,8 @@ class RemoteTowers:
             return result
         return call
 
-    def release(self, refs: list[tuple[Ref, bool]]) -> None:
-        for key, _ in refs:
+    def release(self, refs: list[Ref]) -> None:
+        for key in refs:
             mirrored = self.open.pop(key, False)
             self.pending[CONTEXT_MODEL].append(key)
             if mirrored:
@@ -199,7 +199,7 @@ class RemoteTowers:
         """After a failed round: ask both towers to free every sequence this loop opened
         (best effort: a tower that failed may be gone)."""
         self._number_afresh()
-        self.release([(key, True) for key in list(self.open)])
+        self.release(list(self.open))
         try:
             self.settle(idle=True)
         except Exception:  # noqa: BLE001 - the round's own error is the one reported

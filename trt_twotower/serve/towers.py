@@ -53,11 +53,11 @@ class CallOutOfOrder(TwoTowerError, RuntimeError):
 
 class CallOrder:
     """Each caller's calls run in the order it started them. A caller may start a call before
-    the last one is answered (the orchestrator writes AR rounds ahead); the two can still
-    reach the tower the other way round (Triton hands BLS requests over on a thread pool:
-    measured here 37 in 300 when started back to back). So every call carries its caller's
-    id and index: the next index runs, a later one is refused untouched (``CallOutOfOrder``),
-    an earlier one is an error."""
+    the last one is answered (the orchestrator writes AR and denoiser calls ahead); the two
+    can still reach the tower the other way round (Triton hands BLS requests over on a thread
+    pool: measured here 37 in 300 when started back to back). So every call carries its
+    caller's id and index: the next index runs, a later one is refused untouched
+    (``CallOutOfOrder``), an earlier one is an error."""
 
     def __init__(self) -> None:
         self.last: dict[int, int] = {}
