@@ -1,6 +1,9 @@
 """The tower-executor protocol: what the session asks of any backend (PyTorch reference, ONNX
 Runtime, TensorRT). Executors are pure step functions over a ``StepCache`` the session owns;
-the context executor writes the cache it is given, the denoiser executor only reads it."""
+the context executor writes the cache it is given, the denoiser executor only reads it.
+Logits come back on the executor's device: the decoding policy runs where they are, so a
+denoiser step's [R, S, V] logits (hundreds of MB at R = 64 on the released vocabulary) never
+cross to the host, only the tokens chosen from them."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ class ContextExecutor(Protocol):
 
     def context_step(self, input_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
         """Consume input_ids [B, T] after each row's length: writes the new KV entries and
-        Mamba states into ``cache``, advances its lengths by T, returns logits [B, V] (fp32)."""
+        Mamba states into ``cache``, advances its lengths by T, returns logits [B, V]."""
         ...
 
 
@@ -28,7 +31,7 @@ class DenoiserExecutor(Protocol):
 
     def denoiser_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache
                       ) -> torch.Tensor:
-        """Block logits [B, S, V] (fp32) given the context cache (read only) and t [B]."""
+        """Block logits [B, S, V] given the context cache (read only) and t [B]."""
         ...
 
     def mock_ar_step(self, token_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:

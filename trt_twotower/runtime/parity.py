@@ -127,10 +127,14 @@ class Backend:
 
 @dataclass
 class StepLogits:
-    """One step's inputs run by every backend: their logits, in backend order."""
+    """One step's inputs run by every backend: their logits, in backend order, on the host
+    (executors answer on their own devices, and backends on two devices are compared)."""
 
     step: str
     logits: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self.logits = [t.cpu() for t in self.logits]
 
 
 @dataclass

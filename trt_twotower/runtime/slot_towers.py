@@ -304,17 +304,32 @@ class DenoiserSlots:
     def _policy_step(self, slots, blocks, settings, step_keys, steps_left) -> torch.Tensor:
         t, cache = self._inputs(slots, blocks)
         logits = self.executor.denoiser_step(blocks, t, cache)
+        pred, conf = self._predictions(logits, settings, step_keys)
         mask_id = self.config.mask_token_id
-        rows = []
+        return torch.cat([policy.commit_step(blocks[i:i + 1], pred[i:i + 1], conf[i:i + 1],
+                                             mask_id, s.confidence_threshold, steps_left[i],
+                                             s.forced_commits)[0]
+                          for i, s in enumerate(settings)])
+
+    def _predictions(self, logits: torch.Tensor, settings: list[GenerationSettings],
+                     step_keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's predicted ids and confidences [R, S], computed where the logits are and
+        brought to the host (a few bytes per position, not V logits): greedy rows in one
+        batch, a sampling row with its own temperature, seed and step key."""
+        mask_id = self.config.mask_token_id
+        pred = torch.empty(logits.shape[:2], dtype=torch.long)
+        conf = torch.empty(logits.shape[:2], dtype=torch.float32)
+        greedy = [i for i, s in enumerate(settings) if s.temperature <= 0.0]
+        if greedy:
+            rows = logits if len(greedy) == len(settings) else logits[greedy]
+            p, c = policy.diffusion_predictions(rows, mask_id)
+            pred[greedy], conf[greedy] = p.cpu(), c.float().cpu()
         for i, s in enumerate(settings):
-            pred, conf = policy.diffusion_predictions(logits[i:i + 1], mask_id, s.temperature,
-                                                      torch.tensor([s.seed]), step_keys[i])
-            nxt, _ = policy.commit_step(blocks[i:i + 1], pred.to(blocks.device),
-                                        conf.to(blocks.device), mask_id,
-                                        s.confidence_threshold, steps_left[i],
-                                        s.forced_commits)
-            rows.append(nxt)
-        return torch.cat(rows)
+            if s.temperature > 0.0:
+                p, c = policy.diffusion_predictions(logits[i:i + 1], mask_id, s.temperature,
+                                                    torch.tensor([s.seed]), step_keys[i])
+                pred[i], conf[i] = p[0].cpu(), c[0].float().cpu()
+        return pred, conf
 
     def mock_ar(self, slots: list[int], latest: list[int], settings: list[GenerationSettings],
                 step_keys: list[int]) -> list[int]:

@@ -59,7 +59,7 @@ class TorchContextExecutor:
         c = self.model.config
         view = _view(self.model, cache, self.device)
         ragged = view.valid is not None
-        logits = self.model.context_step(input_ids.to(self.device), view).cpu()
+        logits = self.model.context_step(input_ids.to(self.device), view)
         for i in c.attention_layers:  # the view's keys are [padded past | new]
             for name, keys in ((names.past_key(i), view.keys[i]),
                                (names.past_value(i), view.values[i])):
@@ -80,10 +80,9 @@ class TorchDenoiserExecutor:
     def denoiser_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache
                       ) -> torch.Tensor:
         view = _view(self.model, cache, self.device)
-        return self.model.denoiser_step(block_ids.to(self.device), t.to(self.device),
-                                        view).cpu()
+        return self.model.denoiser_step(block_ids.to(self.device), t.to(self.device), view)
 
     @torch.no_grad()
     def mock_ar_step(self, token_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
         view = _view(self.model, cache, self.device)
-        return self.model.mock_ar_step(token_ids.to(self.device), view).cpu()
+        return self.model.mock_ar_step(token_ids.to(self.device), view)

@@ -130,7 +130,7 @@ class TrtContextExecutor:
         logits = None
         for start in range(0, input_ids.shape[1], self.max_prefill):
             logits = self._step(input_ids[:, start:start + self.max_prefill], cache)
-        return logits.float().cpu()
+        return logits.float()
 
     def _step(self, ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
         tokens = ids.shape[1]
@@ -158,12 +158,12 @@ class TrtDenoiserExecutor:
     def denoiser_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache
                       ) -> torch.Tensor:
         out = self.engine.run("block", denoiser_feeds(block_ids, t, True, cache), {})
-        return out["logits"].float().cpu()
+        return out["logits"].float()
 
     def mock_ar_step(self, token_ids: torch.Tensor, cache: StepCache) -> torch.Tensor:
         t = torch.zeros(token_ids.shape[0])
         out = self.engine.run("mock-ar", denoiser_feeds(token_ids, t, False, cache), {})
-        return out["logits"][:, -1].float().cpu()
+        return out["logits"][:, -1].float()
 
     def denoiser_unmask_step(self, block_ids: torch.Tensor, t: torch.Tensor, cache: StepCache,
                              threshold: float | torch.Tensor, steps_left: int | torch.Tensor
