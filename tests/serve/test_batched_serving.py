@@ -111,14 +111,15 @@ def test_a_request_arriving_mid_batch_does_not_wait_for_the_batch(server):
 
 def test_ar_tokens_chain_in_the_context_tower_and_stream_a_round_at_a_time(server, solo):
     """The server's rounds of AR requests alone take --ar-steps (default 4) tokens each: the
-    stream carries them 4 at a time (the first comes with the prompt), the same tokens."""
+    stream carries them 4 at a time (the first comes with the prompt; the call written ahead
+    right after an admission takes one), the same tokens."""
     from trt_twotower.serve.client import stream_generate
 
     s = GenerationSettings(mode="ar", max_new_tokens=10, temperature=0.7, seed=5,
                            stop_at_eos=False)
     blocks = [ids for ids, _, _ in stream_generate(server.grpc_url, [5, 6, 7], s, True, 120.0)
               if ids]
-    assert [len(ids) for ids in blocks] == [1, 4, 4, 1]
+    assert [len(ids) for ids in blocks] == [1, 1, 4, 4]
     assert sum(blocks, []) == solo([5, 6, 7], s)
 
 

@@ -566,6 +566,42 @@ def test_a_diffusion_client_that_leaves_with_a_step_written_ahead_is_freed_after
                                           [([8, 9], s)])[0].tokens
 
 
+def test_ar_calls_step_one_token_while_requests_arrive_then_chain_again(tiny_model, towers):
+    """With AR calls written ahead, an arriving request waits for the call computing and the
+    one written ahead: the call that admits a request and the one after it step one token
+    per row; between arrivals calls chain ``ar_steps`` tokens again. Tokens stay each
+    request's own."""
+    written = {}
+
+    def recorded(name, inputs, outputs):
+        if name == CONTEXT_MODEL and "chain" in inputs:
+            written[int(inputs["call_order"][1])] = (len(inputs.get("open_id", [])),
+                                                     int(inputs["chain"].max()))
+        return slow(name, inputs, outputs)
+    slow, _ = _slow_calls(towers, 0.02, only=CONTEXT_MODEL)
+    orchestrator = Orchestrator(recorded, SECRET, tiny_model.config, MAX_CONTEXT,
+                                SchedulerLimits(capacity=8, ar_steps=4), max_waiting=16)
+    jobs = [([5, 6, 7], GenerationSettings(mode="ar", max_new_tokens=40, stop_at_eos=False)),
+            ([8, 9], GenerationSettings(mode="ar", max_new_tokens=24, stop_at_eos=False))]
+    first, second = Collect(), Collect()
+    orchestrator.submit(*jobs[0], first)
+    deadline = time.monotonic() + 30
+    while sum(map(len, first.blocks)) < 16 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    orchestrator.submit(*jobs[1], second)
+    assert first.ended.wait(60) and second.ended.wait(60)
+    orchestrator.close(10)
+    calls = [written[i] for i in sorted(written)]
+    admitting = [i for i, (opened, _) in enumerate(calls) if opened]
+    assert len(admitting) == 2
+    for i in admitting:
+        assert [chain for _, chain in calls[i:i + 2]] == [1, 1]
+    assert 4 in [chain for _, chain in calls[admitting[0] + 2:admitting[1]]]
+    assert 4 in [chain for _, chain in calls[admitting[1] + 2:]]
+    for got, alone in zip((first, second), _solo(tiny_model, tiny_model.config, jobs)):
+        assert got.error is None and got.result.tokens == alone.tokens
+
+
 def test_a_call_that_overtakes_its_predecessor_is_sent_again_after_it(tiny_model, towers):
     """Two calls under way can reach a tower the other way round (Triton hands BLS requests
     over on a thread pool). Here the third context call is held back 0.3 s before it reaches

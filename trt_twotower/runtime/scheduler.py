@@ -99,6 +99,7 @@ class StepScheduler:
         self._context_flights: list[_ContextFlight] = []
         self._denoiser_flights: list[_DenoiserFlight] = []
         self.rounds = 0
+        self._admitted_last = False   # the last context call written admitted a request
 
     # --- admission -----------------------------------------------------------------------
     def check(self, request: Request) -> None:
@@ -182,6 +183,18 @@ class StepScheduler:
         return (self.towers.ahead and bool(live) and len(self._context_flights) == 1
                 and all(r.settings.mode == "ar" for r in live))
 
+    def _arriving(self, admits: bool) -> bool:
+        """Whether the context call being written steps AR rows one token only, since
+        requests are arriving: over towers that write AR calls ahead, the call that admits
+        one and the call after it. An arrival waits for the call computing and the one
+        written ahead; four-token calls then kept a burst of arrivals (a closed loop's wave,
+        sent back over gRPC over ~20 ms) out of step with the rows already decoding, and
+        the calls short of rows. Measured, 16 AR clients through Triton, alternating runs:
+        +7.6 % tokens/s twice (8 and 6 pairs); 64 clients: no change beyond the noise."""
+        arriving = self.towers.ahead and (admits or self._admitted_last)
+        self._admitted_last = admits
+        return arriving
+
     # --- one round -------------------------------------------------------------------------
     def round(self) -> None:
         """Admit; take the answers already back; write a call to each tower that has none
@@ -223,7 +236,9 @@ class StepScheduler:
             # AR rows chain tokens only in calls of AR rows alone: a longer context call
             # would hold back every diffusion and mock-AR row waiting on it
             alone = all(r.settings.mode == "ar" for r in live)
-            work, prefilling = self._context_work(live, self.limits.ar_steps if alone else 1)
+            arriving = self._arriving(bool(admitted))
+            work, prefilling = self._context_work(
+                live, self.limits.ar_steps if alone and not arriving else 1)
             work.opened = [r.ref for r in admitted]
         dwork, denoise, mock = None, [], []
         if not self._denoiser_flights or self._denoises_ahead():
