@@ -4,6 +4,7 @@ import concurrent.futures
 import contextlib
 import importlib.util
 import queue
+import time
 
 import pytest
 
@@ -217,6 +218,37 @@ def test_a_tower_model_refuses_unknown_ops_and_incomplete_requests(server):
     with pytest.raises(InferenceServerException, match="group_width has 0 values, expected 1"):
         client.infer("context_tower", [op, secret, rows])
     assert client.is_server_ready()
+
+
+def test_load_clients_connect_before_the_clock_and_keep_their_streams(server, opened,
+                                                                      monkeypatch):
+    """A closed loop's streams are opened before it starts its clients (by the thread that
+    runs it, not by the clients as the clock runs), one per client, each kept across that
+    client's requests."""
+    import threading
+
+    from trt_twotower.runtime.load_benchmark import closed_loop
+    from trt_twotower.serve import load_target
+
+    opened_by, sent_on = [], set()
+
+    class Counted(load_target._Stream):
+        def __init__(self, url):
+            opened_by.append(threading.get_ident())
+            super().__init__(url)
+
+        def send(self, *args):
+            sent_on.add((id(self), threading.get_ident()))
+            super().send(*args)
+    monkeypatch.setattr(load_target, "_Stream", Counted)
+    s = GenerationSettings(mode="ar", max_new_tokens=4)
+    with load_target.TritonTarget(server.grpc_url, timeout=120) as target:
+        row = closed_loop(target, [opened.tokenizer.encode(PROMPTS[0])], s, clients=3, total=7,
+                          label="ar")
+    assert row.requests == 7 and row.tokens == 28
+    assert opened_by == [threading.get_ident()] * 3
+    streams, threads = {stream for stream, _ in sent_on}, {thread for _, thread in sent_on}
+    assert len(streams) == len(threads) == len(sent_on) <= 3
 
 
 def test_the_load_benchmark_runs_each_load_on_both_paths_with_ratio_and_bytes(server, opened):

@@ -37,6 +37,11 @@ class Target(Protocol):
     def start(self, prompt: list[int], settings: GenerationSettings,
               on_delta: OnIds) -> Callable[[], object]: ...
 
+    def connect(self, senders: int) -> None:
+        """Open, before the clock starts, what ``senders`` new sending threads will use: a
+        serving client connects once and keeps its connection, so a run measures serving,
+        not the benchmark's own connection set-up."""
+
 
 class SessionTarget:
     """The in-process engine."""
@@ -49,6 +54,9 @@ class SessionTarget:
     def start(self, prompt: list[int], settings: GenerationSettings,
               on_delta: OnIds) -> Callable[[], object]:
         return self.session.submit(Request(prompt, settings, on_delta)).result
+
+    def connect(self, senders: int) -> None:
+        """Nothing to open in process."""
 
 
 @dataclass
@@ -145,6 +153,7 @@ def closed_loop(target: Target, prompts: list[list[int]],
             with lock:
                 timelines.append(timeline)
 
+    target.connect(clients)
     start = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
@@ -159,6 +168,7 @@ def poisson(target: Target, prompts: list[list[int]], settings: GenerationSettin
     """``total`` requests arriving at ``rate`` per second on average (exponential gaps)."""
     draw = random.Random(seed)
     timelines, waits = [], []
+    target.connect(1)
     start = time.perf_counter()
     due = start
     for index in range(total):
