@@ -190,7 +190,8 @@ class StepScheduler:
         written ahead; four-token calls then kept a burst of arrivals (a closed loop's wave,
         sent back over gRPC over ~20 ms) out of step with the rows already decoding, and
         the calls short of rows. Measured, 16 AR clients through Triton, alternating runs:
-        +7.6 % tokens/s twice (8 and 6 pairs); 64 clients: no change beyond the noise."""
+        +7.6 % tokens/s twice (8 and 6 pairs); 64 clients: no change beyond the noise.
+        Called once per context call written: it notes whether this one admits."""
         arriving = self.towers.ahead and (admits or self._admitted_last)
         self._admitted_last = admits
         return arriving

@@ -158,12 +158,17 @@ class ContextSlots:
     @staticmethod
     def _take(logits: torch.Tensor, rows: list[int], sample: list[Optional[Sample]],
               tokens: list[list[int]], scores: list[list[TokenScore]]) -> None:
-        """Each row's next token from its logits (row j of ``logits`` is row rows[j])."""
+        """Each row's next token from its logits (row j of ``logits`` is row rows[j]): greedy
+        rows' in one argmax, read back at once (one device sync per step, not one per row)."""
+        greedy = [j for j, i in enumerate(rows) if sample[i] is not None
+                  and sample[i].target is None and sample[i].settings.temperature <= 0.0]
+        picked = logits if len(greedy) == len(rows) else logits[greedy]
+        best = dict(zip(greedy, picked.float().argmax(-1).tolist())) if greedy else {}
         for j, i in enumerate(rows):
             s = sample[i]
             if s is None:
                 continue
-            token = s.target if s.target is not None else \
+            token = s.target if s.target is not None else best[j] if j in best else \
                 _sample(logits[j:j + 1], s.settings, s.step_key + len(tokens[i]))
             tokens[i].append(token)
             if s.settings.logprobs is not None:
