@@ -57,8 +57,18 @@ def _empty(cache: StepCache, slot: int) -> None:
         cache.tensors[name][slot].zero_()
 
 
-def _sample(logits: torch.Tensor, settings: GenerationSettings, step_key: int) -> int:
-    return int(policy.sample_next(logits, settings, torch.tensor([settings.seed]), step_key)[0])
+def _next_tokens(logits: torch.Tensor, rows: list[int], settings: list[GenerationSettings],
+                 step_keys: list[int]) -> list[int]:
+    """The next token of logits rows ``rows`` [.., V], each under its own settings: greedy
+    rows in one op read back at once (on a GPU one sync per step, not one per row); a
+    sampling row with its own seed and step key."""
+    greedy = [k for k, s in enumerate(settings) if s.temperature <= 0.0]
+    index = [rows[k] for k in greedy]
+    picked = logits if index == list(range(logits.shape[0])) else logits[index]
+    best = dict(zip(greedy, policy.sample_tokens(picked).tolist())) if greedy else {}
+    return [best[k] if k in best else
+            int(policy.sample_next(logits[j:j + 1], s, torch.tensor([s.seed]), key)[0])
+            for k, (j, s, key) in enumerate(zip(rows, settings, step_keys))]
 
 
 class ContextSlots:
@@ -158,18 +168,17 @@ class ContextSlots:
     @staticmethod
     def _take(logits: torch.Tensor, rows: list[int], sample: list[Optional[Sample]],
               tokens: list[list[int]], scores: list[list[TokenScore]]) -> None:
-        """Each row's next token from its logits (row j of ``logits`` is row rows[j]): greedy
-        rows' in one argmax, read back at once (one device sync per step, not one per row)."""
-        greedy = [j for j, i in enumerate(rows) if sample[i] is not None
-                  and sample[i].target is None and sample[i].settings.temperature <= 0.0]
-        picked = logits if len(greedy) == len(rows) else logits[greedy]
-        best = dict(zip(greedy, picked.float().argmax(-1).tolist())) if greedy else {}
+        """Each row's next token from its logits (row j of ``logits`` is row rows[j])."""
+        drawn = [j for j, i in enumerate(rows)
+                 if sample[i] is not None and sample[i].target is None]
+        drawn_tokens = dict(zip(drawn, _next_tokens(
+            logits, drawn, [sample[rows[j]].settings for j in drawn],
+            [sample[rows[j]].step_key + len(tokens[rows[j]]) for j in drawn])))
         for j, i in enumerate(rows):
             s = sample[i]
             if s is None:
                 continue
-            token = s.target if s.target is not None else best[j] if j in best else \
-                _sample(logits[j:j + 1], s.settings, s.step_key + len(tokens[i]))
+            token = s.target if s.target is not None else drawn_tokens[j]
             tokens[i].append(token)
             if s.settings.logprobs is not None:
                 scores[i].append(policy.score_token(logits[j], token, s.settings.logprobs))
@@ -342,4 +351,4 @@ class DenoiserSlots:
         view = gather(self.pool, slots).one_token_back(
             {n: gather_tensor(t, slots) for n, t in self.previous.items()})
         logits = self.executor.mock_ar_step(torch.tensor([[t] for t in latest]), view)
-        return [_sample(logits[i:i + 1], s, step_keys[i]) for i, s in enumerate(settings)]
+        return _next_tokens(logits, list(range(len(settings))), settings, step_keys)
