@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..runtime.cache_delta import HEADER_BYTES
+from ..runtime.heap import frozen_objects
 from ..policy import TokenScore
 from ..runtime.tower_work import (FROM_TOWER, ContextResult, ContextWork, Delta, DenoiseGroup,
                                   DenoiserResult, DenoiserWork, ExtendGroup, MockGroup, Sample)
@@ -296,7 +297,8 @@ def handle(tower: Union[ContextTower, DenoiserTower], inputs: Inputs, secret: st
     if op not in OPS:
         raise TowerRequestError(f"unknown op {op!r}; a tower serves {', '.join(OPS)}")
     if op == "stats":
-        return {"stats": _texts([json.dumps(tower.stats())])}
+        return {"stats": _texts([json.dumps({**tower.stats(),
+                                             "frozen_objects": frozen_objects()})])}
     _authorize(inputs, secret)
     order = _get(inputs, "call_order")
     if order.size:

@@ -10,6 +10,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..errors import TwoTowerError
+from ..runtime.heap import freeze_long_lived
 from .hosting import instance_device, open_tower
 from .repository import tower_secret
 from .tower_requests import handle
@@ -59,6 +60,7 @@ class TritonPythonModel:
         self.tower = open_tower(params["tower"], params["source"], params["backend"], device,
                                 int(params["max_context"]), int(params["capacity"]),
                                 params["dtype"])
+        freeze_long_lived()  # the model and its pools live as long as the process
 
     def execute(self, requests):
         responses = []
