@@ -4,7 +4,7 @@ A serving process keeps its model, executors, slot pools and every import for it
 and CPython's full (generation 2) collection walks all of them each time it runs, stalling
 every stream the process serves. Measured on the built-in model's server under 16 clients:
 in the orchestrator process one full collection every 7–21 s of load, taking 70–74 ms (a
-forced one in a process with its imports: 51–57 ms, under 0.1 ms once frozen); 185–200 ms in
+forced one in a process with its imports: 51–57 ms, under 0.1 ms once frozen); 185–290 ms in
 the benchmark's process, which holds the in-process engine and the gRPC clients. Freezing what
 exists once a process is set up moves it to the permanent generation, so later collections
 walk only what requests create.

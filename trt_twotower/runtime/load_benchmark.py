@@ -196,7 +196,7 @@ def run_load(targets: list[TargetFactory], prompts: list[list[int]],
     ``repeats`` > 1 the targets take turns that many times and each path keeps its median run
     (by tokens/s), so that a drift of the machine during one run weighs less. Each run starts
     from a collected heap with what is set up frozen (``heap.py``): a full collection of this
-    process's model, engine and clients (185–200 ms here) must not land in one path's run and
+    process's model, engine and clients (185–290 ms here) must not land in one path's run and
     not the other's."""
     rows = []
     loads = [(closed_loop, count, count * requests_per_client) for count in clients] + \
