@@ -17,12 +17,8 @@ import gc
 
 def freeze_long_lived() -> int:
     """Collect the set-up's garbage once, then freeze every surviving object; returns the
-    number of objects frozen so far (call it again after setting up more)."""
+    number of objects frozen so far. Call it once the long-lived objects exist, never while
+    short-lived ones are up: a frozen cycle is never freed."""
     gc.collect()
     gc.freeze()
-    return gc.get_freeze_count()
-
-
-def frozen_objects() -> int:
-    """How many objects the collector skips; reported with a tower's stats."""
     return gc.get_freeze_count()

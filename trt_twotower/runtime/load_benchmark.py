@@ -194,10 +194,12 @@ def run_load(targets: list[TargetFactory], prompts: list[list[int]],
     """Every case under every load on every target in turn, each run after a warm-up
     request; a served row gets its ratio to the first target's row of the same load. With
     ``repeats`` > 1 the targets take turns that many times and each path keeps its median run
-    (by tokens/s), so that a drift of the machine during one run weighs less. Each run starts
-    from a collected heap with what is set up frozen (``heap.py``): a full collection of this
-    process's model, engine and clients (185–290 ms here) must not land in one path's run and
-    not the other's."""
+    (by tokens/s), so that a drift of the machine during one run weighs less. What is set up
+    before the first run (the model, the imports) is frozen out of full collections
+    (``heap.py``): one of them (185–290 ms here) must not land in one path's run and not the
+    other's. Not per run: a target's engine lives for one run, and frozen it would never be
+    freed."""
+    freeze_long_lived()
     rows = []
     loads = [(closed_loop, count, count * requests_per_client) for count in clients] + \
             [(poisson, rate, poisson_requests) for rate in rates]
@@ -208,7 +210,6 @@ def run_load(targets: list[TargetFactory], prompts: list[list[int]],
                 for index, open_target in enumerate(targets):
                     with open_target() as target:
                         target.start(prompts[0], settings, lambda ids: None)()
-                        freeze_long_lived()
                         counted = hasattr(target, "boundary_bytes")
                         if counted:
                             target.boundary_bytes = 0

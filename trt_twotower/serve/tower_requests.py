@@ -14,6 +14,7 @@ Absent inputs are empty lists.
 
 from __future__ import annotations
 
+import gc
 import json
 import secrets
 from typing import Optional, Union
@@ -22,7 +23,6 @@ import numpy as np
 import torch
 
 from ..runtime.cache_delta import HEADER_BYTES
-from ..runtime.heap import frozen_objects
 from ..policy import TokenScore
 from ..runtime.tower_work import (FROM_TOWER, ContextResult, ContextWork, Delta, DenoiseGroup,
                                   DenoiserResult, DenoiserWork, ExtendGroup, MockGroup, Sample)
@@ -298,7 +298,7 @@ def handle(tower: Union[ContextTower, DenoiserTower], inputs: Inputs, secret: st
         raise TowerRequestError(f"unknown op {op!r}; a tower serves {', '.join(OPS)}")
     if op == "stats":
         return {"stats": _texts([json.dumps({**tower.stats(),
-                                             "frozen_objects": frozen_objects()})])}
+                                             "frozen_objects": gc.get_freeze_count()})])}
     _authorize(inputs, secret)
     order = _get(inputs, "call_order")
     if order.size:
