@@ -81,6 +81,49 @@ def test_rows_on_scattered_slots_chain_as_rows_side_by_side(tiny_model):
     assert [len(t) for t in side_by_side[0][0]] == [3, 1, 2]
 
 
+def test_rows_with_an_idle_slot_between_them_step_as_one_span(tiny_model):
+    """Four rows with one idle row between them (a row full to the last position, as a
+    finished one is) step as one view of the pool: the stepping rows chain the same tokens
+    and reach the same caches as on consecutive slots, and the idle row's caches and length
+    are exactly as before. Once rows leave the chain, the two idle rows between the rest
+    are too many for a span of three: those are copied out and back."""
+    prompts = torch.tensor([[5, 6, 7], [8, 9, 10], [11, 12, 13], [14, 15, 16]])
+    max_context = 12
+
+    def run(slot_ids, idle=None):
+        slots = ContextSlots(TorchContextExecutor(tiny_model), tiny_model.config, 6,
+                             max_context, torch.float32)
+        for slot in range(6):
+            slots.empty(slot)
+        if idle is not None:  # a row filled to max_context, not stepping in these calls
+            slots.extend([idle], torch.arange(20, 20 + max_context)[None], [None])
+        kept = {n: t[idle].clone() for n, t in slots.pool.tensors.items()} if idle else {}
+        views = []
+        step = slots.executor.context_step
+
+        def watched(ids, cache):
+            pool = slots.pool.lengths
+            views.append((cache.batch, pool.data_ptr() <= cache.lengths.data_ptr()
+                          < pool.data_ptr() + pool.nbytes))
+            return step(ids, cache)
+        slots.executor.context_step = watched
+        taken = [slots.extend(slot_ids, prompts, [Sample(AR, 0)] * 4)[0]]
+        chains = [Sample(AR, 1, chain=c) for c in (3, 1, 2, 3)]
+        taken.append(slots.extend(slot_ids, torch.full((4, 1), FROM_TOWER), chains)[0])
+        caches = {n: t[slot_ids] for n, t in slots.pool.tensors.items()}
+        if idle is not None:
+            assert int(slots.pool.lengths[idle]) == max_context
+            for name, before in kept.items():
+                assert torch.equal(slots.pool.tensors[name][idle], before), name
+        return taken, caches, views
+    side_by_side, caches, _ = run([0, 1, 2, 3])
+    spanned, spanned_caches, views = run([1, 2, 4, 5], idle=3)
+    assert spanned == side_by_side
+    assert views == [(5, True), (5, True), (3, False), (2, False)]
+    for name, cache in caches.items():  # float32 drift of a larger batch, as measured in
+        torch.testing.assert_close(spanned_caches[name], cache, atol=1e-4, rtol=0)  # test_torch_executor
+
+
 def test_rows_side_by_side_in_the_pool_step_as_a_view_in_any_order(tiny_model):
     """A group that names adjacent slots out of order steps in slot order, on the pool itself
     (no copy), and each row still gets its own tokens."""
