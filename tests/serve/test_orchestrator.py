@@ -257,6 +257,19 @@ def test_a_full_slot_table_refuses_new_sequences_and_keeps_the_others():
     assert table.stats(100)["cache_bytes"] == 400
 
 
+def test_a_slot_table_hands_out_the_lowest_free_slot_first():
+    """Released in the order 0, 3, 1, the next three sequences take 0, 1, 3: new rows fill
+    the bottom of the pool, where the live ones are, so a step's rows stay side by side
+    (last freed first would hand out 1, 3, 0)."""
+    table = SlotTable(6)
+    keys = [SequenceKey.new() for _ in range(9)]
+    assert [table.open(k) for k in keys[:5]] == [0, 1, 2, 3, 4]
+    for k in (keys[0], keys[3], keys[1]):
+        assert table.release(k)
+    assert [table.open(k) for k in keys[5:8]] == [0, 1, 3]
+    assert table.open(keys[8]) == 5
+
+
 def test_settings_cross_the_boundary_unchanged_and_are_validated_again():
     s = GenerationSettings(mode="mock-ar", max_new_tokens=24, block_size=8, temperature=0.5,
                            top_p=0.9, seed=2**40)

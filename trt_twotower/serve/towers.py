@@ -13,6 +13,7 @@ leave a tower: the decoding policy runs where they are computed.
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import secrets
 from dataclasses import asdict, dataclass
@@ -105,12 +106,14 @@ def settings_from_json(text: str) -> GenerationSettings:
 
 
 class SlotTable:
-    """Which open sequence holds which of ``capacity`` slots, and its owner token."""
+    """Which open sequence holds which of ``capacity`` slots, and its owner token. The lowest
+    free slot is taken first (``free`` is a heap), as in the in-process engine: why in
+    ``runtime.local_towers``."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.slots: dict[int, tuple[int, str]] = {}
-        self.free = list(range(capacity - 1, -1, -1))
+        self.free = list(range(capacity))
         self.opened = self.released = 0
 
     def open(self, sequence: SequenceKey) -> int:
@@ -119,7 +122,7 @@ class SlotTable:
             raise TowerRequestError(f"sequence {sequence.id} is already open; open a new one")
         if not self.free:
             raise TowerBusy(f"all {self.capacity} sequence slots are in use; retry later")
-        slot = self.free.pop()
+        slot = heapq.heappop(self.free)
         self.slots[sequence.id] = (slot, sequence.owner)
         self.opened += 1
         return slot
@@ -143,7 +146,7 @@ class SlotTable:
         if not self.owns(sequence):
             return False
         slot, _ = self.slots.pop(sequence.id)
-        self.free.append(slot)
+        heapq.heappush(self.free, slot)
         self.released += 1
         return True
 
