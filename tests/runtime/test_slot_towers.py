@@ -120,8 +120,9 @@ def test_rows_with_an_idle_slot_between_them_step_as_one_span(tiny_model):
     spanned, spanned_caches, views = run([1, 2, 4, 5], idle=3)
     assert spanned == side_by_side
     assert views == [(5, True), (5, True), (3, False), (2, False)]
-    for name, cache in caches.items():  # float32 drift of a larger batch, as measured in
-        torch.testing.assert_close(spanned_caches[name], cache, atol=1e-4, rtol=0)  # test_torch_executor
+    # atol: the float32 drift of a larger batch, as measured in test_torch_executor.py
+    for name, cache in caches.items():
+        torch.testing.assert_close(spanned_caches[name], cache, atol=1e-4, rtol=0)
 
 
 def test_rows_side_by_side_in_the_pool_step_as_a_view_in_any_order(tiny_model):

@@ -9,14 +9,13 @@ round's two calls at the same time (they serve disjoint rows); on one device, in
 
 from __future__ import annotations
 
-import heapq
 from typing import Optional
 
 import torch
 
 from ..config import TwoTowerConfig
 from .executor import ContextExecutor, DenoiserExecutor
-from .slot_towers import ContextSlots, DenoiserSlots
+from .slot_towers import ContextSlots, DenoiserSlots, FreeSlots
 from .tower_work import (ContextResult, ContextWork, Delta, DenoiserResult, DenoiserWork,
                          PendingRound, Ref, RoundCalls)
 
@@ -41,7 +40,7 @@ class LocalTowers:
                                                                     max_context, dtype)
         self.fused_unmask = fused_unmask and hasattr(denoiser, "denoiser_unmask_step")
         self._slots: Optional[tuple[ContextSlots, DenoiserSlots]] = None
-        self.free = list(range(capacity))   # a heap: the lowest free slot is taken first
+        self.free = FreeSlots(capacity)
 
     @property
     def slots(self) -> tuple[ContextSlots, DenoiserSlots]:
@@ -57,21 +56,17 @@ class LocalTowers:
         return self._slots
 
     def new_ref(self) -> Ref:
-        """The lowest free slot: live rows stay packed at the bottom of the pool, so a step's
-        rows lie side by side (a view of the pool) or nearly so (a span), where slots handed
-        out last-freed-first scatter them over the whole pool once a burst of requests has come
-        and gone, and every step copies them out and back."""
-        return heapq.heappop(self.free)
+        return self.free.take()
 
     def release(self, refs: list[Ref]) -> None:
         for ref in refs:
-            heapq.heappush(self.free, ref)
+            self.free.give(ref)
 
     def settle(self, idle: bool) -> None:
         """Nothing waits: slots come back when released."""
 
     def forget(self) -> None:
-        self.free = list(range(self.capacity))
+        self.free = FreeSlots(self.capacity)
 
     def start(self, context: Optional[ContextWork], denoiser: Optional[DenoiserWork]
               ) -> PendingRound:

@@ -10,7 +10,8 @@ models (``trt_twotower.serve.towers``); logits never leave them.
 
 from __future__ import annotations
 
-from typing import Optional
+import heapq
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -49,11 +50,27 @@ def scatter(cache: StepCache, slots: list[int], rows: StepCache) -> None:
     cache.lengths.index_copy_(0, index, rows.lengths)
 
 
-def copy_rows(cache: StepCache, slots: list[int]) -> StepCache:
-    """Rows ``slots`` of a pool as a copy, never a view (what ``scatter`` puts back)."""
-    index = torch.tensor(slots, dtype=torch.long, device=cache.device)
-    return StepCache({n: t.index_select(0, index) for n, t in cache.tensors.items()},
-                     cache.lengths.index_select(0, index), cache.max_context)
+class FreeSlots:
+    """A pool's free slots, the lowest handed out first: live rows stay packed at the bottom
+    of the pool, so a step's rows lie side by side (a view of the pool) or nearly so (a span,
+    ``WriteBatch``) whatever order requests leave in. Handed out last-freed-first, they could
+    end up anywhere, and every step would copy its rows out and back. The in-process towers
+    and the Triton tower models both allocate from one."""
+
+    def __init__(self, capacity: int) -> None:
+        self._heap = list(range(capacity))
+
+    def take(self) -> int:
+        return heapq.heappop(self._heap)
+
+    def give(self, slot: int) -> None:
+        heapq.heappush(self._heap, slot)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(sorted(self._heap))
 
 
 # A span of the pool steps whole, its idle rows' state kept aside and put back, when it holds
@@ -80,15 +97,13 @@ class WriteBatch:
         self.kept: Optional[StepCache] = None
         self.idle = idle
         self.rows: Optional[list[int]] = None     # the stepping rows' places in the span
+        stepped = slots
         if idle and len(idle) * SPAN_ROWS_PER_IDLE <= len(slots):
-            self.kept = copy_rows(pool, idle)
+            self.kept = pool.select_rows(idle)
             pool.lengths[idle] = 0   # an idle row's wasted step needs room, wherever it was
             self.rows = [s - first for s in slots]
-        if idle and self.rows is None:
-            self.cache = gather(pool, slots)
-        else:
-            self.cache = StepCache({n: t[first:last + 1] for n, t in pool.tensors.items()},
-                                   pool.lengths[first:last + 1], pool.max_context)
+            stepped = list(range(first, last + 1))
+        self.cache = gather(pool, stepped)   # a view, unless rows spread out are copied
 
     def step(self, executor: ContextExecutor, ids: torch.Tensor) -> torch.Tensor:
         """One context step of ids [R, T] for the stepping rows: their logits [R, V]."""
@@ -99,10 +114,10 @@ class WriteBatch:
         return executor.context_step(span, self.cache)[self.rows]
 
     def close(self) -> None:
-        """Put the idle rows back, or write copied rows into the pool."""
+        """Put the idle rows back, or write copied rows into the pool (views wrote it)."""
         if self.kept is not None:
             scatter(self.pool, self.idle, self.kept)
-        elif self.idle:
+        else:
             scatter(self.pool, self.slots, self.cache)
 
 

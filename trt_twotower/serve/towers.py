@@ -13,7 +13,6 @@ leave a tower: the decoding policy runs where they are computed.
 from __future__ import annotations
 
 import functools
-import heapq
 import json
 import secrets
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from ..config import TwoTowerConfig
 from ..errors import TwoTowerError
 from ..policy import GenerationSettings
 from ..runtime.executor import ContextExecutor, DenoiserExecutor
-from ..runtime.slot_towers import ContextSlots, DenoiserSlots
+from ..runtime.slot_towers import ContextSlots, DenoiserSlots, FreeSlots
 from ..runtime.tower_work import (ContextResult, ContextWork, Delta, DenoiserResult,
                                   DenoiserWork)
 
@@ -106,14 +105,13 @@ def settings_from_json(text: str) -> GenerationSettings:
 
 
 class SlotTable:
-    """Which open sequence holds which of ``capacity`` slots, and its owner token. The lowest
-    free slot is taken first (``free`` is a heap), as in the in-process engine: why in
-    ``runtime.local_towers``."""
+    """Which open sequence holds which of ``capacity`` slots (the lowest free one first,
+    ``FreeSlots``), and its owner token."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.slots: dict[int, tuple[int, str]] = {}
-        self.free = list(range(capacity))
+        self.free = FreeSlots(capacity)
         self.opened = self.released = 0
 
     def open(self, sequence: SequenceKey) -> int:
@@ -122,7 +120,7 @@ class SlotTable:
             raise TowerRequestError(f"sequence {sequence.id} is already open; open a new one")
         if not self.free:
             raise TowerBusy(f"all {self.capacity} sequence slots are in use; retry later")
-        slot = heapq.heappop(self.free)
+        slot = self.free.take()
         self.slots[sequence.id] = (slot, sequence.owner)
         self.opened += 1
         return slot
@@ -146,7 +144,7 @@ class SlotTable:
         if not self.owns(sequence):
             return False
         slot, _ = self.slots.pop(sequence.id)
-        heapq.heappush(self.free, slot)
+        self.free.give(slot)
         self.released += 1
         return True
 
