@@ -33,7 +33,9 @@ def test_the_set_up_is_frozen_and_later_garbage_still_collected(thawed):
     kept = [_Node() for _ in range(1000)]
     before = gc.get_freeze_count()
     count = freeze_long_lived()
-    assert count == gc.get_freeze_count() >= before + len(kept)
+    # frozen objects that die by reference count leave the count: it may drop, never below
+    # what the set-up still holds
+    assert count >= before + len(kept) and gc.get_freeze_count() >= before + len(kept)
     late = _Node()
     gone = weakref.ref(late)
     del late
