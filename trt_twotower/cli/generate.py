@@ -98,6 +98,7 @@ def generate_command(checkpoint: Optional[Path], preset_name: Optional[str], bac
     """Generate text with both towers: mask diffusion, mock-AR or AR; one prompt, or a JSONL
     file of them (--input/--output) decoded together by the step loop."""
     from ..runtime.executor import BackendUnavailable
+    from ..runtime.heap import keep_freed_memory
     from ..runtime.offline_batch import result_stats
     from ..runtime.scheduler import SchedulerLimits
     from ..runtime.session import Request, TwoTowerSession
@@ -114,6 +115,7 @@ def generate_command(checkpoint: Optional[Path], preset_name: Optional[str], bac
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     except GenerationError as err:
         raise click.UsageError(str(err)) from None
+    keep_freed_memory()  # this process decodes until it exits: steps reuse their memory
     context_device = context_device or device or "cpu"
     denoiser_device = denoiser_device or device or context_device
     # Token ids in (or a file that may hold them): a checkpoint without a tokenizer will do.

@@ -10,7 +10,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from ..errors import TwoTowerError
-from ..runtime.heap import freeze_long_lived
+from ..runtime.heap import freeze_long_lived, keep_freed_memory
 from .hosting import instance_device, open_tower
 from .repository import tower_secret
 from .tower_requests import handle
@@ -51,6 +51,7 @@ def _input(request, name):
 
 class TritonPythonModel:
     def initialize(self, args):
+        keep_freed_memory()  # a step's buffers reused, not faulted in again (heap.py)
         params = {k: v["string_value"] for k, v in
                   json.loads(args["model_config"])["parameters"].items()}
         if int(params["cpu_threads"]) > 0:  # towers sharing a CPU must not oversubscribe it

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from trt_twotower.runtime.heap import freeze_long_lived
+from trt_twotower.runtime.heap import freeze_long_lived, keep_freed_memory
 from trt_twotower.runtime.scheduler import SchedulerLimits
 from trt_twotower.serve.bls_link import bls_call
 from trt_twotower.serve.hosting import source_config
@@ -72,6 +72,7 @@ class _Responder:
 
 class TritonPythonModel:
     def initialize(self, args):
+        keep_freed_memory()  # each round's buffers reused, not faulted in again (heap.py)
         params = {k: v["string_value"] for k, v in
                   json.loads(args["model_config"])["parameters"].items()}
         self.limits = ServiceLimits(int(params["max_context"]), int(params["max_tokens"]),
