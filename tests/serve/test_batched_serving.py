@@ -110,16 +110,21 @@ def test_a_request_arriving_mid_batch_does_not_wait_for_the_batch(server):
 
 
 def test_ar_tokens_chain_in_the_context_tower_and_stream_a_round_at_a_time(server, solo):
-    """The server's rounds of AR requests alone take --ar-steps (default 4) tokens each: the
-    stream carries them 4 at a time (the first comes with the prompt; the call written ahead
-    right after an admission takes one), the same tokens."""
+    """The server's rounds of AR requests alone take --ar-steps (default 4) tokens each:
+    1 (with the prompt), 1 (the call written ahead right after an admission), 4, 4, then the
+    2 left. The stream sends the first token at once and then at least --stream-interval
+    (default 4) at a time: the second round's token waits for the third's four, and the last
+    two come with the final answer and its stats. One token a round would stream
+    [1, 4, 4, 3]; every round as it comes, [1, 1, 4, 4, 2]."""
     from trt_twotower.serve.client import stream_generate
 
-    s = GenerationSettings(mode="ar", max_new_tokens=10, temperature=0.7, seed=5,
+    s = GenerationSettings(mode="ar", max_new_tokens=12, temperature=0.7, seed=5,
                            stop_at_eos=False)
-    blocks = [ids for ids, _, _ in stream_generate(server.grpc_url, [5, 6, 7], s, True, 120.0)
-              if ids]
-    assert [len(ids) for ids in blocks] == [1, 1, 4, 4]
+    answers = [(ids, stats) for ids, _, stats in
+               stream_generate(server.grpc_url, [5, 6, 7], s, True, 120.0) if ids]
+    blocks = [ids for ids, _ in answers]
+    assert [len(ids) for ids in blocks] == [1, 5, 4, 2]
+    assert "context_steps" in answers[-1][1] and not answers[0][1]
     assert sum(blocks, []) == solo([5, 6, 7], s)
 
 

@@ -18,8 +18,8 @@ from trt_twotower.runtime.torch_executor import TorchContextExecutor, TorchDenoi
 from trt_twotower.runtime.tower_work import (FROM_TOWER, ContextWork, DenoiseGroup,
                                              DenoiserWork, ExtendGroup, MockGroup)
 from trt_twotower.serve.bls_link import TowerCallError, TowerCallOutOfOrder, direct_call
-from trt_twotower.serve.orchestrator import Orchestrator
-from trt_twotower.serve.repository import CONTEXT_MODEL, DENOISER_MODEL
+from trt_twotower.serve.orchestrator import HeldTokens, Orchestrator
+from trt_twotower.serve.repository import CONTEXT_MODEL, DENOISER_MODEL, STREAM_INTERVAL
 from trt_twotower.serve.tower_requests import (TowerAccessDenied, encode_context,
                                                encode_denoiser, handle)
 from trt_twotower.serve.towers import (CallOutOfOrder, ContextTower, DenoiserTower, SequenceKey,
@@ -50,7 +50,11 @@ class Collect:
         self.blocks.append(ids)
         self.scores.append(scores)
 
-    def finish(self, result):
+    def finish(self, result, ids, scores):
+        self.tail = ids  # the last tokens, not streamed yet
+        if ids:
+            self.blocks.append(ids)
+            self.scores.append(scores)
         self.result = result
         self.ended.set()
 
@@ -70,7 +74,8 @@ def _orchestrator(model, towers, calls=None, capacity=8):
             calls.append((name, inputs))
         return call(name, inputs, outputs)
     return Orchestrator(counted, SECRET, model.config, MAX_CONTEXT,
-                        SchedulerLimits(capacity=capacity), max_waiting=16)
+                        SchedulerLimits(capacity=capacity), max_waiting=16,
+                        stream_interval=STREAM_INTERVAL)
 
 
 def _mixed(model, rng, count):
@@ -113,7 +118,8 @@ def test_a_rounds_two_tower_calls_run_at_once_over_disjoint_rows(tiny_model, tow
     other, no two calls would ever overlap."""
     slow, spans = _slow_calls(towers, 0.05)
     orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8), max_waiting=16)
+                                SchedulerLimits(capacity=8), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     jobs = _mixed(tiny_model, rng, 6)
     collected = [Collect() for _ in jobs]
     for (prompt, s), responder in zip(jobs, collected):
@@ -137,7 +143,8 @@ def test_a_long_context_call_does_not_hold_back_the_denoisers_rows(tiny_model, t
     inside a context call."""
     slow, spans = _slow_calls(towers, 0.4, only=CONTEXT_MODEL)
     orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8), max_waiting=16)
+                                SchedulerLimits(capacity=8), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     jobs = [(torch.randint(4, tiny_model.config.vocab_size, (n,), generator=rng).tolist(),
              GenerationSettings(max_new_tokens=16, block_size=8, steps_per_block=8,
                                 forced_commits=1, seed=7 + n, stop_at_eos=False))
@@ -450,7 +457,7 @@ def test_a_finished_request_is_never_asked_whether_its_client_left(tiny_model, t
     from trt_twotower.serve.orchestrator import Guarded
     strict = _Strict()
     guarded = Guarded(strict)
-    guarded.finish(None)
+    guarded.finish(None, [], None)
     assert guarded.gone() is False and strict.violations == 0
     monkeypatch.setattr(module, "WATCH_SECONDS", 0.01)
     orchestrator = _orchestrator(tiny_model, towers)
@@ -516,7 +523,8 @@ def test_ar_rounds_start_before_the_last_is_answered_with_the_same_tokens(tiny_m
                             torch.float32, 8))
     slow, spans = _slow_calls(towers, 0.02)
     orchestrator = Orchestrator(slow, SECRET, config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8), max_waiting=16)
+                                SchedulerLimits(capacity=8), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     jobs = _ar_jobs(tiny_model, stop_at_eos=stop_at_eos)
     collected = _run(orchestrator, jobs, towers)
     for got, alone in zip(collected, _solo(tiny_model, config, jobs)):
@@ -545,7 +553,8 @@ def test_denoiser_calls_start_before_the_last_is_answered_with_the_same_tokens(t
     and denoiser evaluations, and no sequence left open."""
     slow, spans = _slow_calls(towers, 0.02, only=DENOISER_MODEL)
     orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8), max_waiting=16)
+                                SchedulerLimits(capacity=8), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     jobs = _mixed(tiny_model, rng, 9)
     collected = _run(orchestrator, jobs, towers)
     for got, alone in zip(collected, _solo(tiny_model, tiny_model.config, jobs)):
@@ -564,7 +573,8 @@ def test_a_diffusion_client_that_leaves_with_a_step_written_ahead_is_freed_after
     beside it keeps its solo tokens."""
     slow, _ = _slow_calls(towers, 0.02, only=DENOISER_MODEL)
     orchestrator = Orchestrator(slow, SECRET, tiny_model.config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8), max_waiting=16)
+                                SchedulerLimits(capacity=8), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     s = GenerationSettings(max_new_tokens=32, block_size=8, steps_per_block=8,
                            forced_commits=1, seed=5, stop_at_eos=False)
     leaving, staying = Collect(gone_after_blocks=1), Collect()
@@ -593,7 +603,8 @@ def test_ar_calls_step_one_token_while_requests_arrive_then_chain_again(tiny_mod
         return slow(name, inputs, outputs)
     slow, _ = _slow_calls(towers, 0.02, only=CONTEXT_MODEL)
     orchestrator = Orchestrator(recorded, SECRET, tiny_model.config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8, ar_steps=4), max_waiting=16)
+                                SchedulerLimits(capacity=8, ar_steps=4), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     jobs = [([5, 6, 7], GenerationSettings(mode="ar", max_new_tokens=40, stop_at_eos=False)),
             ([8, 9], GenerationSettings(mode="ar", max_new_tokens=24, stop_at_eos=False))]
     first, second = Collect(), Collect()
@@ -632,7 +643,8 @@ def test_a_call_that_overtakes_its_predecessor_is_sent_again_after_it(tiny_model
             refused.append(int(inputs["call_order"][1]))
             raise
     orchestrator = Orchestrator(late, SECRET, tiny_model.config, MAX_CONTEXT,
-                                SchedulerLimits(capacity=8), max_waiting=16)
+                                SchedulerLimits(capacity=8), max_waiting=16,
+                                stream_interval=STREAM_INTERVAL)
     jobs = _ar_jobs(tiny_model, count=3)
     collected = _run(orchestrator, jobs, towers)
     assert refused[:1] == [4]  # (a later call may overtake the resent one in turn)
@@ -670,6 +682,45 @@ def test_an_ar_client_that_goes_away_mid_stream_frees_its_sequence(tiny_model, t
                                                       stop_at_eos=False), responder)
     assert responder.ended.wait(60)
     assert responder.result.cancelled and len(responder.result.tokens) < 60
-    assert sum(responder.blocks, []) == responder.result.tokens
+    streamed = sum(responder.blocks, [])   # tokens held back when it left are not sent
+    assert streamed and streamed == responder.result.tokens[:len(streamed)]
     _freed_soon(towers[:1], opened=1)
     orchestrator.close(10)
+
+
+def test_held_tokens_go_first_at_once_then_at_least_the_interval_at_a_time():
+    held = HeldTokens(4)
+    assert held.add([1]) == [1]                      # the first at once
+    assert held.add([2]) == [] and held.add([3, 4]) == []
+    assert held.add([5]) == [2, 3, 4, 5]             # four waiting: all of them go
+    assert held.add([6, 7, 8, 9, 10]) == [6, 7, 8, 9, 10]   # a longer block goes whole
+    assert held.add([11]) == [] and held.take() == [11] and held.take() == []
+    every = HeldTokens(1)
+    assert [every.add([t]) for t in (1, 2, 3)] == [[1], [2], [3]]
+    with pytest.raises(ValueError, match="at least 1 token, not 0"):
+        HeldTokens(0)
+
+
+def test_a_stream_sends_the_interval_at_a_time_and_the_rest_with_the_final_answer(
+        tiny_model, towers):
+    """Six AR requests at once (rounds of one token while they arrive, then four), streamed
+    8 tokens at a time after the first: every message between the first and the final answer
+    carries at least 8, the final answer the fewer than 8 left; together the request's own
+    tokens, each message with its own tokens' scores."""
+    config = tiny_model.config
+    orchestrator = Orchestrator(direct_call(*towers, SECRET), SECRET, config, MAX_CONTEXT,
+                                SchedulerLimits(capacity=8), max_waiting=16, stream_interval=8)
+    jobs = _ar_jobs(tiny_model)
+    collected = _run(orchestrator, jobs, towers)
+    for (_, s), got, alone in zip(jobs, collected, _solo(tiny_model, config, jobs)):
+        assert got.error is None and sum(got.blocks, []) == alone.tokens
+        sent = got.blocks[:len(got.blocks) - bool(got.tail)]
+        assert len(sent[0]) < 8 and all(len(ids) >= 8 for ids in sent[1:])
+        assert len(got.tail) < 8
+        if s.logprobs is not None:
+            assert [[x[0] for x in scores["tokens"]] for scores in got.scores] == got.blocks
+    assert sum(len(got.blocks) for got in collected) <= sum(
+        2 + s.max_new_tokens // 8 for _, s in jobs), "tokens were not held back"
+    with pytest.raises(ValueError, match="at least 1 token"):
+        Orchestrator(direct_call(*towers, SECRET), SECRET, config, MAX_CONTEXT,
+                     SchedulerLimits(capacity=8), max_waiting=16, stream_interval=0)

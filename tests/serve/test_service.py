@@ -53,6 +53,11 @@ def test_capacity_must_give_every_orchestrator_instance_a_slot(tmp_path):
     with pytest.raises(RepositoryError, match="ar_steps must be at least 1, got 0"):
         repository_values("builtin", "torch", tmp_path, "cpu", "cpu", 64, 8, "16",
                           ar_steps=0)
+    assert repository_values("builtin", "torch", tmp_path, "cpu", "cpu", 64, 8, "16",
+                             stream_interval=2)["STREAM_INTERVAL"] == "2"
+    with pytest.raises(RepositoryError, match="stream_interval must be at least 1, got 0"):
+        repository_values("builtin", "torch", tmp_path, "cpu", "cpu", 64, 8, "16",
+                          stream_interval=0)
 
 
 def test_towers_sharing_the_cpu_split_its_cores(monkeypatch):

@@ -14,6 +14,7 @@ import click
 
 from ..config import PRESETS
 from ..policy import MODES, GenerationError, GenerationSettings
+from ..serve.repository import STREAM_INTERVAL
 from .options import (Dtype, INT32_COUNT, SEED, Device, NumberList, PositiveNumber, created_dir,
                       utf8_text)
 from .resolve import one_source
@@ -132,7 +133,12 @@ def usable_work_dir(work_dir: Optional[Path]) -> Path:
 @click.option("--ar-steps", type=click.IntRange(min=1), default=4, show_default=True,
               help="AR tokens a request takes per scheduler round while only AR requests "
                    "run: the context tower feeds each token back itself (fewer calls and "
-                   "answers per token; streamed that many tokens at a time).")
+                   "answers per token).")
+@click.option("--stream-interval", type=click.IntRange(min=1), default=STREAM_INTERVAL,
+              show_default=True,
+              help="Tokens a streamed message carries at least, after a request's first "
+                   "(which goes at once); the rest go with the final answer. Larger: fewer "
+                   "messages, less CPU per token under load; 1: every step's tokens at once.")
 @click.option("--max-waiting", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Requests that may wait for a free slot; past them the server answers "
                    "busy at once.")
@@ -155,7 +161,7 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
                   metrics_port: int, max_context: Optional[int], dtype: str, max_tokens: int,
                   block_sizes: tuple[int, ...],
                   capacity: int, bls_instances: int, prefill_tokens: int, ar_steps: int,
-                  max_waiting: int, cpu_threads: Optional[int],
+                  stream_interval: int, max_waiting: int, cpu_threads: Optional[int],
                   work_dir: Optional[Path], openai_port: int, no_openai: bool,
                   api_key: Optional[str], served_model_name: str) -> None:
     """Render the model repository for a model and run a real tritonserver until Ctrl-C,
@@ -173,7 +179,7 @@ def serve_command(build_dir: Optional[Path], checkpoint: Optional[Path],
         repo = render(work / "model_repository", repository_values(
             source, backend, tokenizer_dir, context_device, denoiser_device, max_context,
             max_tokens, ",".join(map(str, block_sizes)), capacity, bls_instances, dtype,
-            cpu_threads, prefill_tokens, max_waiting, ar_steps))
+            cpu_threads, prefill_tokens, max_waiting, ar_steps, stream_interval))
     except RepositoryError as err:
         raise click.ClickException(str(err)) from None
     with signals_interrupt():

@@ -10,7 +10,10 @@ adds what serving needs around it, with no Triton import so that it is tested wi
 - a watcher asks every live request's responder whether its client went away (a cancel, a
   dropped connection, a killed process) and cancels it in the loop, which frees its slots on
   both towers within one round;
-- a full server refuses at once (``SessionBusy``) rather than queue without bound.
+- a full server refuses at once (``SessionBusy``) rather than queue without bound;
+- a streamed request's tokens go out in messages of at least ``stream_interval`` tokens after
+  its first (``HeldTokens``): under load each message costs the server's processes and the
+  client more than the tokens in it.
 """
 
 from __future__ import annotations
@@ -41,17 +44,45 @@ class Responder(Protocol):
     """One request's way back to its client."""
 
     def block(self, ids: list[int], scores: Optional[dict]) -> None:
-        """A committed block (a token in AR modes), when the client streams; with its
-        tokens' scores (and, the first time, the prompt's) when the request asks for them."""
+        """Tokens to stream (committed blocks, AR tokens), when the client streams; with
+        their scores (and, the first time, the prompt's) when the request asks for them."""
 
-    def finish(self, result: RequestResult) -> None:
-        """The request ended: its tokens (unless streamed) and stats; or a cancel."""
+    def finish(self, result: RequestResult, ids: list[int], scores: Optional[dict]) -> None:
+        """The request ended: its tokens (unless streamed) and stats, and for a streaming
+        client the last tokens not streamed yet (``ids``, with their ``scores``); or a
+        cancel."""
 
     def fail(self, message: str) -> None:
         """The request failed; the message is one line for the client."""
 
     def gone(self) -> bool:
         """The client cancelled or went away."""
+
+
+class HeldTokens:
+    """A streamed request's tokens not sent yet. Its first tokens go at once (the time to the
+    first block is what a user waits for); after them a message goes once ``interval`` tokens
+    wait, a block at least that long whole; what is left goes with the final answer."""
+
+    def __init__(self, interval: int) -> None:
+        if interval < 1:
+            raise ValueError(f"a stream interval is at least 1 token, not {interval}")
+        self.interval = interval
+        self.ids: list[int] = []
+        self.sent_any = False
+
+    def add(self, ids: list[int]) -> list[int]:
+        """Hold ``ids``; returns the tokens to send now (none while they wait)."""
+        self.ids.extend(ids)
+        if self.sent_any and len(self.ids) < self.interval:
+            return []
+        self.sent_any = True
+        return self.take()
+
+    def take(self) -> list[int]:
+        """Every token held, which are no longer held."""
+        ids, self.ids = self.ids, []
+        return ids
 
 
 class Guarded:
@@ -71,10 +102,10 @@ class Guarded:
             if not self.closed:
                 self.responder.block(ids, scores)
 
-    def finish(self, result: RequestResult) -> None:
+    def finish(self, result: RequestResult, ids: list[int], scores: Optional[dict]) -> None:
         with self._lock:
             self.closed = True
-            self.responder.finish(result)
+            self.responder.finish(result, ids, scores)
 
     def fail(self, message: str) -> None:
         with self._lock:
@@ -86,13 +117,38 @@ class Guarded:
             return not self.closed and self.responder.gone()
 
 
+class _Answered:
+    """A request being answered: its responder, its tokens held back from the stream, and
+    whether its prompt's scores went out."""
+
+    def __init__(self, responder: Responder, request: Request, stream_interval: int) -> None:
+        self.responder = Guarded(responder)
+        self.request = request
+        self.held = HeldTokens(stream_interval)
+        self.prompt_scored = False
+
+    def scores(self, count: int) -> Optional[dict]:
+        """The last ``count`` tokens' scores, with the prompt's the first time, when the
+        request asks for them."""
+        if self.request.settings.logprobs is None:
+            return None
+        kept = self.request.result.logprobs
+        scores = {"tokens": scores_json(kept[max(0, len(kept) - count):])}
+        if not self.prompt_scored:
+            scores["prompt"] = scores_json(self.request.result.prompt_logprobs)
+            self.prompt_scored = True
+        return scores
+
+
 class Orchestrator:
     def __init__(self, call: TowerCall, secret: str, config: TwoTowerConfig, max_context: int,
-                 limits: SchedulerLimits, max_waiting: int) -> None:
+                 limits: SchedulerLimits, max_waiting: int, stream_interval: int) -> None:
+        HeldTokens(stream_interval)  # a bad interval fails here, not with the first request
+        self.stream_interval = stream_interval
         self.towers = RemoteTowers(call, secret, limits.capacity)
         self.session = TwoTowerSession.over(self.towers, config, max_context, limits,
                                             max_waiting)
-        self.live: dict[Handle, Responder] = {}
+        self.live: dict[Handle, _Answered] = {}
         self._lock = threading.Lock()
         self._answers: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
@@ -104,51 +160,48 @@ class Orchestrator:
     def submit(self, prompt_ids: list[int], settings: GenerationSettings,
                responder: Responder) -> Handle:
         """Queue a request; raises ``SessionBusy`` or a ``GenerationError`` at once."""
-        responder = Guarded(responder)
         request = Request(prompt_ids, settings)
-        sent_prompt = [False]
+        answered = _Answered(responder, request, self.stream_interval)
 
         def on_delta(ids: list[int]) -> Optional[bool]:
             if self._stopping.is_set():
                 return False
-            scores = None
-            if settings.logprobs is not None:
-                kept = request.result.logprobs
-                scores = {"tokens": scores_json(kept[len(kept) - len(ids):])}
-                if not sent_prompt[0]:
-                    scores["prompt"] = scores_json(request.result.prompt_logprobs)
-                    sent_prompt[0] = True
-            self._answers.put((lambda value: responder.block(*value), (ids, scores)))
+            ready = answered.held.add(ids)
+            if ready:
+                self._answers.put((answered.responder.block, ready, answered.scores(len(ready))))
             return None
 
         request.on_delta = on_delta
         handle = self.session.submit(request)
         with self._lock:
-            self.live[handle] = responder
+            self.live[handle] = answered
         handle.add_done_callback(self._ended)
         return handle
 
     def _ended(self, handle: Handle) -> None:
         with self._lock:
-            responder = self.live.pop(handle, None)
-        if responder is None:
+            answered = self.live.pop(handle, None)
+        if answered is None:
             return
+        responder, result = answered.responder, handle.row.result
         if handle.error is not None:
             self._answers.put((responder.fail, " ".join(str(handle.error).split())))
-        elif handle.row.result.cancelled and self._stopping.is_set():
+        elif result.cancelled and self._stopping.is_set():
             self._answers.put((responder.fail, "the server is shutting down; the request "
                                                "was stopped"))
         else:
-            self._answers.put((responder.finish, handle.row.result))
+            tail = [] if result.cancelled else answered.held.take()
+            self._answers.put((responder.finish, result, tail,
+                               answered.scores(len(tail)) if tail else None))
 
     def _answer(self) -> None:
         while True:
             item = self._answers.get()
             if item is None:
                 return
-            send, value = item
+            send, *args = item
             try:
-                send(value)
+                send(*args)
             except Exception as err:  # noqa: BLE001 - a gone client; the others go on
                 LOG.debug("an answer could not be sent: %s", err)
 
@@ -156,9 +209,9 @@ class Orchestrator:
         while not self._stopping.wait(WATCH_SECONDS):
             with self._lock:
                 live = list(self.live.items())
-            for handle, responder in live:
+            for handle, answered in live:
                 try:
-                    if responder.gone():
+                    if answered.responder.gone():
                         handle.cancel()
                 except Exception:  # noqa: BLE001 - cannot ask: treat the client as gone
                     handle.cancel()

@@ -87,16 +87,26 @@ def placement(device: str) -> str:
     raise RepositoryError(f"device {device!r} is neither cpu nor cuda:N")
 
 
+# Tokens a streamed message carries at least, after a request's first (the orchestrator's
+# HeldTokens). An AR row alone takes 4 tokens a call (--ar-steps), so a quiet server streams
+# as before; under load, where a call gives each row 2-3 tokens, about half the messages go.
+# Every message costs the orchestrator, tritonserver and the client, and on the 2-core machine
+# those slow the context tower's steps beside them (docs/scheduler.md, Serving).
+STREAM_INTERVAL = 4
+
+
 def repository_values(source: str, backend: str, tokenizer_dir: Path, context_device: str,
                       denoiser_device: str, max_context: int, max_tokens: int,
                       block_sizes: str, capacity: int = 64, bls_instances: int = 1,
                       dtype: str = "auto", cpu_threads: Optional[int] = None,
                       prefill_tokens: int = 256, max_waiting: int = 1024,
-                      ar_steps: int = 4) -> dict[str, str]:
+                      ar_steps: int = 4, stream_interval: int = STREAM_INTERVAL
+                      ) -> dict[str, str]:
     """Every template value of the repository, from the serve options. ``capacity`` is the
     towers' sequence slots, shared by the orchestrator's instances (each runs one step loop
     over its share). ``prefill_tokens``: prompt tokens a round pushes; ``ar_steps``: AR
-    tokens a row takes per round when every live row is AR; ``max_waiting``:
+    tokens a row takes per round when every live row is AR; ``stream_interval``: tokens a
+    streamed message carries at least after the first; ``max_waiting``:
     requests that may wait for a slot before the server answers busy. ``cpu_threads``:
     PyTorch threads per tower process (0 = PyTorch's default); by default two towers on the
     CPU split its cores, which leaves the orchestrator and the network threads room (measured
@@ -106,7 +116,7 @@ def repository_values(source: str, backend: str, tokenizer_dir: Path, context_de
                               f"least one request per instance (got capacity {capacity} for "
                               f"{bls_instances} instances)")
     for name, value in (("prefill_tokens", prefill_tokens), ("max_waiting", max_waiting),
-                        ("ar_steps", ar_steps)):
+                        ("ar_steps", ar_steps), ("stream_interval", stream_interval)):
         if value < 1:
             raise RepositoryError(f"{name} must be at least 1, got {value}")
     return {"SOURCE": source, "BACKEND": backend,
@@ -118,7 +128,7 @@ def repository_values(source: str, backend: str, tokenizer_dir: Path, context_de
             "BLS_INSTANCES": str(bls_instances), "DTYPE": dtype,
             "CPU_THREADS": str(tower_threads(context_device, denoiser_device, cpu_threads)),
             "PREFILL_TOKENS": str(prefill_tokens), "MAX_WAITING": str(max_waiting),
-            "AR_STEPS": str(ar_steps)}
+            "AR_STEPS": str(ar_steps), "STREAM_INTERVAL": str(stream_interval)}
 
 
 def tower_threads(context_device: str, denoiser_device: str, asked: Optional[int]) -> int:

@@ -52,11 +52,11 @@ class _Responder:
         if self.stream:
             self.sender.send(_response(ids, scores=scores))
 
-    def finish(self, result):
+    def finish(self, result, ids, scores):
         if result.cancelled:
             self.sender.send(flags=FINAL)
         elif self.stream:
-            self.sender.send(_response([], stats_json(result)), flags=FINAL)
+            self.sender.send(_response(ids, stats_json(result), scores), flags=FINAL)
         else:
             scores = None if self.settings.logprobs is None else {
                 "tokens": scores_json(result.logprobs),
@@ -83,7 +83,7 @@ class TritonPythonModel:
         self.orchestrator = Orchestrator(
             bls_call(pb_utils), tower_secret(args["model_repository"]),
             source_config(params["source"], params["backend"]), self.limits.max_context,
-            loop, int(params["max_waiting"]))
+            loop, int(params["max_waiting"]), int(params["stream_interval"]))
         freeze_long_lived()  # full collections walked the set-up's objects: 74 ms stalls
 
     def execute(self, requests):
