@@ -39,10 +39,13 @@ def towers(tiny_model):
 
 
 class Collect:
-    """A responder that keeps what the orchestrator answers."""
+    """A streaming responder that keeps what the orchestrator answers."""
+
+    stream = True
 
     def __init__(self, gone_after_blocks=None):
         self.blocks, self.scores, self.result, self.error = [], [], None, None
+        self.tail = None
         self.gone_after = gone_after_blocks
         self.ended = threading.Event()
 
@@ -239,6 +242,39 @@ def test_a_tower_failure_reaches_its_requests_and_frees_every_sequence(tiny_mode
     assert all(r.ended.wait(60) for r in collected)
     assert "the denoiser fell over" in collected[0].error
     assert all(t.stats()["live_sequences"] == 0 for t in towers)
+    orchestrator.close(10)
+
+
+class _SlowFailingDenoiser(TorchDenoiserExecutor):
+    def __init__(self, model, started):
+        super().__init__(model)
+        self.started = started
+
+    def denoiser_step(self, *args):
+        self.started.set()
+        time.sleep(0.3)
+        raise RuntimeError("the denoiser fell over")
+
+
+def test_a_request_that_arrives_while_a_round_fails_gets_the_error_and_the_loop_goes_on(
+        tiny_model):
+    """A request submitted while a round's call is failing waits in the session's inbox with
+    no row yet; the failure reaches it too, and the loop serves the next request."""
+    c = tiny_model.config
+    started = threading.Event()
+    towers = (ContextTower(TorchContextExecutor(tiny_model), c, MAX_CONTEXT, torch.float32, 8),
+              DenoiserTower(_SlowFailingDenoiser(tiny_model, started), c, MAX_CONTEXT,
+                            torch.float32, 8))
+    orchestrator = _orchestrator(tiny_model, towers)
+    first, late, after = Collect(), Collect(), Collect()
+    orchestrator.submit([5, 6], GenerationSettings(max_new_tokens=8, block_size=8), first)
+    assert started.wait(30)
+    orchestrator.submit([7, 8], GenerationSettings(mode="ar", max_new_tokens=4), late)
+    assert first.ended.wait(30) and late.ended.wait(30)
+    assert "the denoiser fell over" in first.error and "the denoiser fell over" in late.error
+    orchestrator.submit([9, 10], GenerationSettings(mode="ar", max_new_tokens=3,
+                                                    stop_at_eos=False), after)
+    assert after.ended.wait(30) and after.error is None and len(after.result.tokens) == 3
     orchestrator.close(10)
 
 
@@ -724,3 +760,15 @@ def test_a_stream_sends_the_interval_at_a_time_and_the_rest_with_the_final_answe
     with pytest.raises(ValueError, match="at least 1 token"):
         Orchestrator(direct_call(*towers, SECRET), SECRET, config, MAX_CONTEXT,
                      SchedulerLimits(capacity=8), max_waiting=16, stream_interval=0)
+
+
+def test_a_request_that_does_not_stream_gets_only_its_final_answer(tiny_model, towers):
+    """Its tokens go with the final answer: nothing is held, scored or sent on the way."""
+    quiet = Collect()
+    quiet.stream = False
+    orchestrator = _orchestrator(tiny_model, towers)
+    s = GenerationSettings(mode="ar", max_new_tokens=9, logprobs=1, stop_at_eos=False)
+    orchestrator.submit([5, 6, 7], s, quiet)
+    assert quiet.ended.wait(60)
+    orchestrator.close(10)
+    assert quiet.blocks == [] and quiet.tail == [] and len(quiet.result.tokens) == 9

@@ -43,6 +43,8 @@ def scores_json(scores: list[TokenScore]) -> list[list]:
 class Responder(Protocol):
     """One request's way back to its client."""
 
+    stream: bool  # the client takes tokens as they come (else only the final answer)
+
     def block(self, ids: list[int], scores: Optional[dict]) -> None:
         """Tokens to stream (committed blocks, AR tokens), when the client streams; with
         their scores (and, the first time, the prompt's) when the request asks for them."""
@@ -94,6 +96,7 @@ class Guarded:
 
     def __init__(self, responder: Responder) -> None:
         self.responder = responder
+        self.stream = responder.stream
         self.closed = False
         self._lock = threading.Lock()
 
@@ -117,7 +120,7 @@ class Guarded:
             return not self.closed and self.responder.gone()
 
 
-class _Answered:
+class _LiveRequest:
     """A request being answered: its responder, its tokens held back from the stream, and
     whether its prompt's scores went out."""
 
@@ -143,12 +146,13 @@ class _Answered:
 class Orchestrator:
     def __init__(self, call: TowerCall, secret: str, config: TwoTowerConfig, max_context: int,
                  limits: SchedulerLimits, max_waiting: int, stream_interval: int) -> None:
-        HeldTokens(stream_interval)  # a bad interval fails here, not with the first request
+        if stream_interval < 1:
+            raise ValueError(f"a stream interval is at least 1 token, not {stream_interval}")
         self.stream_interval = stream_interval
         self.towers = RemoteTowers(call, secret, limits.capacity)
         self.session = TwoTowerSession.over(self.towers, config, max_context, limits,
                                             max_waiting)
-        self.live: dict[Handle, _Answered] = {}
+        self.live: dict[Handle, _LiveRequest] = {}
         self._lock = threading.Lock()
         self._answers: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
@@ -161,38 +165,42 @@ class Orchestrator:
                responder: Responder) -> Handle:
         """Queue a request; raises ``SessionBusy`` or a ``GenerationError`` at once."""
         request = Request(prompt_ids, settings)
-        answered = _Answered(responder, request, self.stream_interval)
+        live = _LiveRequest(responder, request, self.stream_interval)
 
         def on_delta(ids: list[int]) -> Optional[bool]:
             if self._stopping.is_set():
                 return False
-            ready = answered.held.add(ids)
+            if not live.responder.stream:
+                return None  # its tokens go with the final answer: nothing to hold or send
+            ready = live.held.add(ids)
             if ready:
-                self._answers.put((answered.responder.block, ready, answered.scores(len(ready))))
+                self._answers.put((live.responder.block, ready, live.scores(len(ready))))
             return None
 
         request.on_delta = on_delta
         handle = self.session.submit(request)
         with self._lock:
-            self.live[handle] = answered
+            self.live[handle] = live
         handle.add_done_callback(self._ended)
         return handle
 
     def _ended(self, handle: Handle) -> None:
         with self._lock:
-            answered = self.live.pop(handle, None)
-        if answered is None:
+            live = self.live.pop(handle, None)
+        if live is None:
             return
-        responder, result = answered.responder, handle.row.result
-        if handle.error is not None:
+        responder = live.responder
+        if handle.error is not None:  # before any row: a request failed while it waited has none
             self._answers.put((responder.fail, " ".join(str(handle.error).split())))
-        elif result.cancelled and self._stopping.is_set():
+            return
+        result = handle.row.result
+        if result.cancelled and self._stopping.is_set():
             self._answers.put((responder.fail, "the server is shutting down; the request "
                                                "was stopped"))
         else:
-            tail = [] if result.cancelled else answered.held.take()
+            tail = [] if result.cancelled else live.held.take()
             self._answers.put((responder.finish, result, tail,
-                               answered.scores(len(tail)) if tail else None))
+                               live.scores(len(tail)) if tail else None))
 
     def _answer(self) -> None:
         while True:
@@ -208,10 +216,10 @@ class Orchestrator:
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_SECONDS):
             with self._lock:
-                live = list(self.live.items())
-            for handle, answered in live:
+                watched = list(self.live.items())
+            for handle, live in watched:
                 try:
-                    if answered.responder.gone():
+                    if live.responder.gone():
                         handle.cancel()
                 except Exception:  # noqa: BLE001 - cannot ask: treat the client as gone
                     handle.cancel()

@@ -58,10 +58,10 @@ class _Responder:
         elif self.stream:
             self.sender.send(_response(ids, stats_json(result), scores), flags=FINAL)
         else:
-            scores = None if self.settings.logprobs is None else {
+            every = None if self.settings.logprobs is None else {
                 "tokens": scores_json(result.logprobs),
                 "prompt": scores_json(result.prompt_logprobs)}
-            self.sender.send(_response(result.tokens, stats_json(result), scores), flags=FINAL)
+            self.sender.send(_response(result.tokens, stats_json(result), every), flags=FINAL)
 
     def fail(self, message):
         _error(self.sender, message)
