@@ -128,6 +128,24 @@ def test_ar_tokens_chain_in_the_context_tower_and_stream_a_round_at_a_time(serve
     assert sum(blocks, []) == solo([5, 6, 7], s)
 
 
+def test_a_stream_whose_last_block_is_its_final_answer_is_closed_not_cancelled(server,
+                                                                               monkeypatch):
+    """The final answer carries the last tokens (here the 4th of [1, 5, 4, 2]): a client
+    stopping after 4 blocks got everything and must close its stream gracefully; cancelling a
+    request already answered leaves Triton's Python backend holding it (client.py)."""
+    from trt_twotower.serve import client
+
+    graces, close = [], client.close_stream
+    monkeypatch.setattr(client, "close_stream",
+                        lambda stream, grace: graces.append(grace) or close(stream, grace))
+    s = GenerationSettings(mode="ar", max_new_tokens=12, temperature=0.7, seed=5,
+                           stop_at_eos=False)
+    blocks = [ids for ids, _, _ in client.stream_generate(server.grpc_url, [5, 6, 7], s, True,
+                                                          120.0, cancel_after_blocks=4)]
+    assert sum(len(ids) for ids in blocks) == 12
+    assert len(graces) == 1 and graces[0] is not None, "a finished request was cancelled"
+
+
 def test_a_cancel_frees_both_towers_within_a_second(server):
     from trt_twotower.serve.client import stream_generate
     for mode in ("diffusion", "mock-ar", "ar"):

@@ -174,7 +174,7 @@ def stream_generate(url: str, prompt: Union[str, list[int]], settings: Generatio
 def _responses(responses: "queue.Queue", url: str, timeout: float,
                cancel_after_blocks: Optional[int]) -> Generator[tuple, None, bool]:
     """The stream's answers as (ids, text, stats), each within ``timeout`` of the one before;
-    returns True after the final one, False when ``cancel_after_blocks`` stops it early."""
+    returns True after the final one, False when ``cancel_after_blocks`` stops it before."""
     seen = 0
     while True:
         try:
@@ -188,7 +188,7 @@ def _responses(responses: "queue.Queue", url: str, timeout: float,
             yield ids, text, stats
             seen += 1
             if cancel_after_blocks is not None and seen >= cancel_after_blocks:
-                return False
+                return final  # a request whose final answer came is not cancelled
         elif ids is not None and stats:
             yield [], "", stats
         if final:
@@ -251,7 +251,8 @@ def close_stream(client: "InferenceServerClient", grace_s: Optional[float]) -> N
 
 def generate(url: str, prompt: str, settings: GenerationSettings, stream: bool = True,
              timeout: float = 120.0) -> Completion:
-    """The whole completion; with stream=True its blocks as they arrived too."""
+    """The whole completion; with stream=True its messages (blocks, or a few AR tokens) as
+    they arrived too."""
     out = Completion()
     for ids, text, stats in stream_generate(url, prompt, settings, stream, timeout):
         if ids:
