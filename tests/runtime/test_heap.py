@@ -2,13 +2,14 @@
 memory kept for the next step."""
 
 import gc
+import os
 import subprocess
 import sys
 import weakref
 
 import pytest
 
-from trt_twotower.runtime.heap import freeze_long_lived, keep_freed_memory
+from trt_twotower.runtime.heap import freeze_long_lived
 
 
 class _Node:
@@ -47,15 +48,13 @@ def test_the_set_up_is_frozen_and_later_garbage_still_collected(thawed):
     assert len(kept) == 1000
 
 
-
-
 _KEPT = """
 import ctypes, resource, statistics, sys, torch
 from trt_twotower.runtime.heap import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):  # glibc >= 2.33
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _fields_ = [(name, ctypes.c_size_t) for name in "arena ordblks smblks hblks hblkhd "
+                "usmblks fsmblks uordblks fordblks keepcost".split()]
 
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = MallInfo2
@@ -89,7 +88,15 @@ def _heap(keep: bool) -> tuple[str, int, int, float]:
     return out[0], int(out[1]), int(out[2]), float(out[3])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def _glibc_version() -> tuple[int, ...]:
+    names = getattr(os, "confstr_names", {})
+    if "CS_GNU_LIBC_VERSION" not in names:
+        return ()
+    return tuple(int(part) for part in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split("."))
+
+
+@pytest.mark.skipif(_glibc_version() < (2, 33), reason="needs glibc's malloc with mallinfo2 "
+                                                       "(glibc 2.33 or newer)")
 def test_freed_step_memory_stays_in_the_heap_for_the_next_step():
     """In fresh processes (the setting is process-wide). glibc's defaults map a first 24 MiB
     buffer on its own and unmap it when freed; kept, it comes from the heap and stays there,

@@ -113,6 +113,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
     With --serve: the same on the in-process engine and through Triton, with Triton's
     tokens/s ratio and the bytes crossing process boundaries per token."""
     from ..runtime.benchmark import format_rows, plot, sweep, write_csv
+    from ..runtime.heap import keep_freed_memory
     from .generate import check_length, open_backend
 
     check_settings(thresholds, block_sizes, steps, forced_commits, max_new_tokens)
@@ -122,6 +123,7 @@ def bench_command(checkpoint: Optional[Path], preset_name: Optional[str], backen
     if serve and device != "cpu":
         raise click.UsageError("--serve compares on the CPU here; serve GPUs with "
                                "`trt-twotower serve --context-device/--denoiser-device`")
+    keep_freed_memory()  # the engines measured here reuse their steps' memory, as served ones do
     if load or serve:
         return _load_bench(checkpoint, preset_name, backend, build_dir, dtype, device,
                            list(clients), list(rates), prompt_length, max_new_tokens,

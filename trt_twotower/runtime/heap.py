@@ -28,8 +28,8 @@ at 32 MiB 2–6 %, with glibc's defaults 3–4 %.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
+import os
 
 
 def freeze_long_lived() -> int:
@@ -48,15 +48,12 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # glibc's malloc.h
 
 def keep_freed_memory() -> bool:
     """Keep the memory decoding steps free for the next ones (fixed glibc malloc thresholds);
-    returns False, changing nothing, where the C library is not glibc. Process-wide: called by
-    the processes this project owns (the CLI's decoding commands, the Triton models), never on
-    import."""
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        return False
+    returns False where the C library is not glibc (nothing changed) or glibc refused a value.
+    Process-wide: called by the processes this project owns (the CLI's decoding and benchmark
+    commands, the Triton models), never on import."""
+    names = getattr(os, "confstr_names", {})
+    if "CS_GNU_LIBC_VERSION" not in names or not os.confstr("CS_GNU_LIBC_VERSION"):
+        return False   # the option numbers above are glibc's
+    mallopt = ctypes.CDLL(None).mallopt
     return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
                 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Optional, Protocol
 
 from ..policy import GenerationSettings
-from .heap import freeze_long_lived, keep_freed_memory
+from .heap import freeze_long_lived
 from .rows import Request
 from .session import TwoTowerSession
 
@@ -198,8 +198,7 @@ def run_load(targets: list[TargetFactory], prompts: list[list[int]],
     before the first run (the model, the imports) is frozen out of full collections
     (``heap.py``): one of them (185–290 ms here) must not land in one path's run and not the
     other's. Not per run: a target's engine lives for one run, and frozen it would never be
-    freed. Freed step memory is kept (``heap.py``), as the served towers keep theirs."""
-    keep_freed_memory()
+    freed."""
     freeze_long_lived()
     rows = []
     loads = [(closed_loop, count, count * requests_per_client) for count in clients] + \
