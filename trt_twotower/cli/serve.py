@@ -274,7 +274,8 @@ def serve_until_signal(supervisor: Supervisor) -> None:
               default=GenerationSettings.confidence_threshold, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--stream", is_flag=True, help="Print each committed block as it arrives.")
+@click.option("--stream", is_flag=True, help="Print each message as it arrives (a committed "
+              "block, or a few AR tokens).")
 @click.option("--timeout", type=PositiveNumber(), default=120.0, show_default=True,
               help="Seconds to wait for each response; the call ends within it.")
 def client_command(url: str, prompt: str, mode: str, max_tokens: int, block_size: int,

@@ -88,10 +88,10 @@ def placement(device: str) -> str:
 
 
 # Tokens a streamed message carries at least, after a request's first (the orchestrator's
-# HeldTokens). An AR row alone takes 4 tokens a call (--ar-steps), so a quiet server streams
-# as before; under load, where a call gives each row 2-3 tokens, about half the messages go.
-# Every message costs the orchestrator, tritonserver and the client, and on the 2-core machine
-# those slow the context tower's steps beside them (docs/scheduler.md, Serving).
+# HeldTokens). An AR row alone takes 4 tokens a call (--ar-steps), so a quiet server's AR
+# messages change little; under load, where a call gives each row 2-3 tokens, about half the
+# messages go. Every message costs the orchestrator, tritonserver and the client, and on the
+# 2-core machine those slow the context tower's steps beside them (docs/scheduler.md, Triton).
 STREAM_INTERVAL = 4
 
 

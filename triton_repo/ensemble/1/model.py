@@ -1,5 +1,6 @@
 """Triton model `ensemble`: text_input → preprocessing → twotower_bls → postprocessing →
-text_output, one response per committed block, cancellable end to end.
+text_output, one response per message of the orchestrator (a committed block, or a few AR or
+mock-AR tokens), cancellable end to end.
 
 The orchestrator stops a request only when that request is cancelled, and in this Triton
 (2.51, Python backend r24.10) nothing inside the server can cancel a request it sent: a
