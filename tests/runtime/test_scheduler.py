@@ -100,7 +100,7 @@ def test_a_full_waiting_queue_refuses_with_a_busy_error(tiny_model):
     for handle in handles:
         handle.cancel()
     assert all(h.result(timeout=30).cancelled for h in handles)
-    assert list(session.scheduler.towers.free) == [0]
+    assert len(session.scheduler.towers.free) == 1   # the only slot is back
 
 
 def test_cancel_and_timeout_free_the_slot_within_one_round(tiny_model):

@@ -11,7 +11,7 @@ models (``trt_twotower.serve.towers``); logits never leave them.
 from __future__ import annotations
 
 import heapq
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -68,9 +68,6 @@ class FreeSlots:
 
     def __len__(self) -> int:
         return len(self._heap)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(sorted(self._heap))
 
 
 # A span of the pool steps whole, its idle rows' state kept aside and put back, when it holds

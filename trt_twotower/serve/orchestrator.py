@@ -61,14 +61,18 @@ class Responder(Protocol):
         """The client cancelled or went away."""
 
 
+def check_stream_interval(interval: int) -> None:
+    if interval < 1:
+        raise ValueError(f"a stream interval is at least 1 token, not {interval}")
+
+
 class HeldTokens:
     """A streamed request's tokens not sent yet. Its first tokens go at once (the time to the
     first block is what a user waits for); after them a message goes once ``interval`` tokens
     wait, a block at least that long whole; what is left goes with the final answer."""
 
     def __init__(self, interval: int) -> None:
-        if interval < 1:
-            raise ValueError(f"a stream interval is at least 1 token, not {interval}")
+        check_stream_interval(interval)
         self.interval = interval
         self.ids: list[int] = []
         self.sent_any = False
@@ -146,8 +150,7 @@ class _LiveRequest:
 class Orchestrator:
     def __init__(self, call: TowerCall, secret: str, config: TwoTowerConfig, max_context: int,
                  limits: SchedulerLimits, max_waiting: int, stream_interval: int) -> None:
-        if stream_interval < 1:
-            raise ValueError(f"a stream interval is at least 1 token, not {stream_interval}")
+        check_stream_interval(stream_interval)  # at start, not with the first request
         self.stream_interval = stream_interval
         self.towers = RemoteTowers(call, secret, limits.capacity)
         self.session = TwoTowerSession.over(self.towers, config, max_context, limits,
