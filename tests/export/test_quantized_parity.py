@@ -114,10 +114,12 @@ def test_fp8_graphs_match_the_quantised_reference(builds):
     bits of an E4M3 rounding boundary, they round it to neighbouring codes and the logits move
     by up to ~2e-2 (one code of one activation). The reference measures that itself: nudged by
     ±2⁻²⁰ before rounding, on the same inputs, its logits move by as much on the steps where
-    it flips. So: every step within 1e-4 or within twice the largest change the nudged
-    reference shows on any step; and flips are rare events, so most steps within 1e-4 (a wrong
-    scale or layout moves every step of its tower). Greedy tokens: identical in every mode on
-    these prompts; a flip can change a greedy token where the top two logits nearly tie."""
+    it flips. So: every step within 1e-4, or within twice the change the nudged reference shows
+    on that same step; a step the nudge leaves alone is held to 1e-4 (a wrong scale or layout
+    moves every step of its tower, these too). How many steps flip depends on the CPU's
+    kernels: on an AVX-512/AMX machine 6 of 11 steps did, each by exactly its nudged change.
+    Greedy tokens: identical in every mode on these prompts; a flip can change a greedy token
+    where the top two logits nearly tie."""
     ref, cand, model = _pair(builds["fp8"][1])
     steps, _ = run_steps([ref, cand], model.config, MAX_CONTEXT, BLOCK)
     nudged = []
@@ -127,11 +129,10 @@ def test_fp8_graphs_match_the_quantised_reference(builds):
     errors = [_relative(step.logits[1], step.logits[0]) for step in steps]
     drifts = [max(_relative(n[i].logits[0], step.logits[0]) for n in nudged)
               for i, step in enumerate(steps)]
-    bound = max(TOLERANCE, 2 * max(drifts))
-    table = "\n".join(f"{s.step:36} {e:.2e} (nudged reference {d:.2e})"
-                      for s, e, d in zip(steps, errors, drifts)) + f"\nbound {bound:.2e}"
-    assert max(errors) <= bound, table
-    assert sum(e <= TOLERANCE for e in errors) >= len(steps) / 2, table
+    bounds = [max(TOLERANCE, 2 * d) for d in drifts]
+    table = "\n".join(f"{s.step:36} {e:.2e} (nudged reference {d:.2e}, bound {b:.2e})"
+                      for s, e, d, b in zip(steps, errors, drifts, bounds))
+    assert all(e <= b for e, b in zip(errors, bounds)), table
     assert max(drifts) > 0, "the nudge flipped nothing: it measures no rounding sensitivity"
     gens = _generations(ref, cand, model.config)
     assert all(g.passed for g in gens), format_table([], gens)

@@ -204,22 +204,28 @@ def test_rejects_an_unmask_step_with_the_wrong_mask_id(models, references, seed)
 
 def test_a_relative_logit_tolerance_loose_enough_for_bf16_accepts_a_broken_executor(
         models, references):
-    """The old check, max|a − b| / max|b| against fp32 with one tolerance, on one input: the
-    tolerance the fused-rounding variant needs (a routing flip) is looser than the one-off
-    denoiser's worst step, so no tolerance accepts the first and rejects the second, while the
-    drift criterion does both on the same input (seed 101 of the tests above)."""
+    """The old check, max|a − b| / max|b| against fp32 with one tolerance: to accept the
+    legitimate bf16 computations (the reference in bf16, fused rounding) on each of a few
+    inputs it must allow their worst step, a routing or rounding flip, and that allowance
+    accepts the one-off denoiser on at least one of the same inputs, while the drift criterion
+    rejects it on every input (the tests above). Which input flips depends on the CPU's
+    kernels, so the test takes several: on one seed (101) of an AVX-512/AMX machine the
+    one-off needed 0.041 and fused rounding 0.040, while over seeds 0-3 the legitimate ones
+    needed up to 0.063 and the one-off as little as 0.027."""
     fp32, bf16 = models
     fp32_ref, _ = references
-    legitimate = torch_backend(fused_rounding_model(fp32, BF16), BF16)
+    config = bf16.config
+    legitimate = [torch_backend(bf16, BF16), torch_backend(fused_rounding_model(fp32, BF16), BF16)]
     broken = Backend(TorchContextExecutor(bf16), ContextReadOneOff(TorchDenoiserExecutor(bf16)),
                      BF16)
-    config = bf16.config
 
-    def needed_tolerance(candidate: Backend) -> float:
+    def needed_tolerance(candidate: Backend, seed: int) -> float:
         return max(r.max_rel for r in compare_steps(fp32_ref, candidate, config, MAX_CONTEXT,
-                                                    BLOCK, PREFILLS, seed=SEEDS[0]))
+                                                    BLOCK, PREFILLS, seed=seed))
 
-    assert needed_tolerance(broken) < needed_tolerance(legitimate)
+    seeds = range(4)
+    accepting = max(needed_tolerance(c, seed) for c in legitimate for seed in seeds)
+    assert min(needed_tolerance(broken, seed) for seed in seeds) < accepting
 
 
 # --- the command line ----------------------------------------------------------------------------
