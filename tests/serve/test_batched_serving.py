@@ -128,6 +128,47 @@ def test_ar_tokens_chain_in_the_context_tower_and_stream_a_round_at_a_time(serve
     assert sum(blocks, []) == solo([5, 6, 7], s)
 
 
+def _message_outputs(server, prompt, settings):
+    """Each response of a raw stream as (final, the names of the outputs it carries)."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    from trt_twotower.serve.client import ORCHESTRATOR, request_inputs
+
+    answers = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(ORCHESTRATOR, request_inputs(prompt, settings, True),
+                                  enable_empty_final_response=True)
+        messages = []
+        while not messages or not messages[-1][0]:
+            result, error = answers.get(timeout=120)
+            assert error is None, error
+            response = result.get_response()
+            messages.append((response.parameters["triton_final_response"].bool_param,
+                             sorted(o.name for o in response.outputs)))
+        return messages
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_streamed_messages_carry_their_tokens_alone_and_the_final_answer_its_stats(server,
+                                                                                  logprobs):
+    """A message is ``output_ids`` (with ``logprobs`` when the request asks for scores): no
+    empty ``stats`` string crossing every process under load. The final answer adds them."""
+    s = GenerationSettings(mode="ar", max_new_tokens=12, seed=5, stop_at_eos=False,
+                           logprobs=logprobs)
+    messages = _message_outputs(server, [5, 6, 7], s)
+    streamed = ["output_ids"] + (["logprobs"] if logprobs else [])
+    assert len(messages) == 4, messages
+    assert all(sorted(names) == sorted(streamed) for _, names in messages[:-1]), messages
+    assert messages[-1] == (True, sorted(streamed + ["stats"])), messages
+
+
 def test_a_stream_whose_last_block_is_its_final_answer_is_closed_not_cancelled(server,
                                                                                monkeypatch):
     """The final answer carries the last tokens (here the 4th of [1, 5, 4, 2]): a client

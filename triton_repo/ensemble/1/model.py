@@ -123,10 +123,10 @@ class TritonPythonModel:
             if ids is not None:
                 text = _bls("postprocessing", [pb_utils.Tensor("output_ids", ids)],
                             ("text_output",))["text_output"]
-                stats = stats if stats is not None else np.array([b""], dtype=np.object_)
-                sender.send(pb_utils.InferenceResponse([
-                    text, pb_utils.Tensor("output_ids", ids), pb_utils.Tensor("stats", stats)]),
-                    flags=FINAL if final else 0)
+                tensors = [text, pb_utils.Tensor("output_ids", ids)]
+                if stats is not None:  # final answers only, as the orchestrator sends them
+                    tensors.append(pb_utils.Tensor("stats", stats))
+                sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
             elif final:
                 sender.send(flags=FINAL)
             if final:

@@ -30,12 +30,18 @@ def _scalar(request, name):
     return None if tensor is None else tensor.as_numpy().reshape(-1)[0]
 
 
-def _response(ids, stats=b"", scores=None):
-    return pb_utils.InferenceResponse(output_tensors=[
-        pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64)),
-        pb_utils.Tensor("stats", np.array([stats], dtype=np.object_)),
-        pb_utils.Tensor("logprobs", np.array([b"" if scores is None else
-                                              json.dumps(scores).encode()], dtype=np.object_))])
+def _response(ids, stats=None, scores=None):
+    """Tokens, with stats (final answers) and scores (requests asking for them) only where
+    there are some: a streamed message of empty strings cost every process it crossed, the
+    client's too (AR at 64 clients, alternating runs: Triton at 0.81x the in-process engine
+    with them, 0.99x without)."""
+    tensors = [pb_utils.Tensor("output_ids", np.asarray(ids, dtype=np.int64))]
+    if stats is not None:
+        tensors.append(pb_utils.Tensor("stats", np.array([stats], dtype=np.object_)))
+    if scores is not None:
+        tensors.append(pb_utils.Tensor("logprobs", np.array([json.dumps(scores).encode()],
+                                                            dtype=np.object_)))
+    return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
 def _error(sender, message):
