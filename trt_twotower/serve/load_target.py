@@ -104,6 +104,8 @@ class _Stream:
                 self._answer(result, error)
         except Exception as err:  # noqa: BLE001 - the stream broke: every request fails
             self._fail_all(ClientError(f"the stream to {self.url} broke: {err}"))
+        # a stream the server ended leaves nothing waiting for answers that cannot come
+        self._fail_all(ClientError(f"{self.url} closed the stream"))
 
     def _fail_all(self, error: BaseException) -> None:
         with self.lock:
