@@ -194,18 +194,30 @@ def supervised(pair):
 
 
 def kill_mid_stream(server, victim: str) -> tuple[int, float, float]:
-    """Start a long stream, SIGKILL ``victim`` (a model's stub, or tritonserver) once the
-    first block has come, and read on; returns (killed pid, kill time, time of the error)."""
+    """Start a long stream, and a long request of the load benchmark's target (its streams
+    share one asyncio loop), SIGKILL ``victim`` (a model's stub, or tritonserver) once both
+    have their first block, and read on; returns (killed pid, kill time, time of the error)."""
     from trt_twotower.serve.client import ClientError, stream_generate
+    from trt_twotower.serve.load_target import TritonTarget
     stream = stream_generate(server.grpc_url, PROMPT, LONG, timeout=ERROR_WITHIN_S)
     next(stream)
-    pid = server.process.pid if victim == "tritonserver" else stub_pid(server.process.pid, victim)
-    os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
-    with pytest.raises(ClientError):
-        for _ in stream:
-            assert time.monotonic() - killed < ERROR_WITHIN_S, "the stream outlived its server"
-    return pid, killed, time.monotonic()
+    first_block = threading.Event()
+    with TritonTarget(server.grpc_url, timeout=3 * ERROR_WITHIN_S) as target:
+        wait = target.start(PROMPT, LONG, lambda ids: first_block.set())
+        assert first_block.wait(ERROR_WITHIN_S)
+        pid = (server.process.pid if victim == "tritonserver"
+               else stub_pid(server.process.pid, victim))
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(ClientError):
+            for _ in stream:
+                assert time.monotonic() - killed < ERROR_WITHIN_S, "the stream outlived its server"
+        errored = time.monotonic()
+        with pytest.raises(ClientError) as load_error:
+            wait()
+        assert "no end of a request" not in str(load_error.value)
+        assert time.monotonic() - killed < ERROR_WITHIN_S, "a load request outlived its server"
+    return pid, killed, errored
 
 
 def wait_for_recovery(harness: Supervised, killed: float, restarts: int) -> float:
