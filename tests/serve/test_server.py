@@ -251,6 +251,33 @@ def test_load_clients_connect_before_the_clock_and_keep_their_streams(server, op
     assert len(streams) == len(threads) == len(sent_on) <= 3
 
 
+def test_a_load_target_closed_mid_request_fails_its_waiters_and_frees_the_towers(server):
+    """Closing a load (say, the benchmark interrupted) while a request streams ends that
+    request with an error at once instead of leaving its waiter to the target's timeout, and
+    the cancel reaches both towers."""
+    import threading
+
+    from trt_twotower.serve.client import ClientError, tower_stats
+    from trt_twotower.serve.load_target import TritonTarget
+
+    # 8 blocks of 16 steps, none committed early: seconds here, far past the close
+    s = GenerationSettings(max_new_tokens=128, block_size=16, steps_per_block=16,
+                           confidence_threshold=1.0, seed=2)
+    first_block = threading.Event()
+    target = TritonTarget(server.grpc_url, timeout=60)
+    with target:
+        wait = target.start([1, 400, 500, 600], s, lambda ids: first_block.set())
+        assert first_block.wait(30)
+    closed = time.monotonic()
+    with pytest.raises(ClientError, match="closed mid-request"):
+        wait()
+    assert time.monotonic() - closed < 1.0
+    deadline = time.monotonic() + 5
+    while any(stats["live_sequences"] for stats in tower_stats(server.grpc_url).values()):
+        assert time.monotonic() < deadline, tower_stats(server.grpc_url)
+        time.sleep(0.05)
+
+
 def test_the_load_benchmark_runs_each_load_on_both_paths_with_ratio_and_bytes(server, opened):
     from trt_twotower.runtime.load_benchmark import SessionTarget, format_load, run_load
     from trt_twotower.runtime.session import TwoTowerSession

@@ -99,13 +99,15 @@ class _Stream:
         self._loop.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
 
     async def _read(self) -> None:
+        """Route every answer; when the stream ends, broken or ended by the server, nothing
+        may wait on it for answers that cannot come."""
         try:
             async for result, error in self.answers:
                 self._answer(result, error)
         except Exception as err:  # noqa: BLE001 - the stream broke: every request fails
             self._fail_all(ClientError(f"the stream to {self.url} broke: {err}"))
-        # a stream the server ended leaves nothing waiting for answers that cannot come
-        self._fail_all(ClientError(f"{self.url} closed the stream"))
+        else:
+            self._fail_all(ClientError(f"{self.url} closed the stream"))
 
     def _fail_all(self, error: BaseException) -> None:
         with self.lock:
@@ -152,6 +154,7 @@ class _Stream:
         if not self.reader.done():
             self.answers.cancel()
             self.reader.cancel()
+            self._fail_all(ClientError(f"the stream to {self.url} was closed mid-request"))
         await self.client.close()
 
 
